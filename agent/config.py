@@ -1,0 +1,164 @@
+"""The owner's config: a TOML file an owner or rig operator edits by hand.
+
+Parsed once, strictly: unknown keys and impossible values are refused, and
+every error names the key, the bad value and what is allowed. Relative paths
+are taken relative to the file's own folder. Environment variables named
+EDGE_AGENT_<SECTION>__<KEY> override the file (for systemd `Environment=`).
+docs/config.md documents every key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from agent.wire.topics import VEHICLE_ID_PATTERN
+
+DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
+
+
+class ConfigError(Exception):
+    """Raised when the config file is missing, not TOML, or has keys or values that are not allowed."""
+
+    def __init__(self, path: Path, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"config {path} is not valid:\n{lines}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class OwnerSection(_Section):
+    opted_in: bool = False
+    consent_version: str = ""
+    consent_date: dt.date | None = None
+
+    @model_validator(mode="after")
+    def _consent_recorded(self) -> OwnerSection:
+        if self.opted_in and (not self.consent_version or self.consent_date is None):
+            raise ValueError(
+                "opted_in = true needs consent_version and consent_date: "
+                "record which consent text the owner agreed to and when"
+            )
+        return self
+
+
+class VehicleSection(_Section):
+    id: str = Field(pattern=f"^{VEHICLE_ID_PATTERN}$")
+    source: Literal["emulated"] = "emulated"
+    scenario: Path | None = None
+    time_scale: float = Field(default=1.0, gt=0, le=10_000)
+
+
+class LimitsSection(_Section):
+    max_compute_temp_c: float = Field(default=80.0, gt=0, le=120)
+    resume_margin_c: float = Field(default=5.0, ge=0, le=50)
+    gate_hold_s: float = Field(default=30.0, ge=0, le=3600)
+
+
+class BrokerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+
+
+class KeysSection(_Section):
+    vehicle_key: Path
+    trusted_job_keys: Path
+
+
+class ModelsSection(_Section):
+    dir: Path
+
+
+class AgentSection(_Section):
+    capacity: int = Field(default=2, ge=1, le=64)
+    work_request_interval_s: float = Field(default=2.0, gt=0, le=600)
+    vehicle_poll_s: float = Field(default=0.1, ge=0.005, le=10)
+    max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
+    max_input_bytes: int = Field(default=4 * 1024 * 1024, ge=1, le=64 * 1024 * 1024)
+    max_clock_skew_s: float = Field(default=60.0, ge=0, le=3600)
+    intra_op_threads: int = Field(default=1, ge=1, le=64)
+    shutdown_grace_s: float = Field(default=5.0, ge=0, le=300)
+
+
+class AgentConfig(BaseSettings):
+    """The whole file. Sections: owner, vehicle, limits, broker, keys, models, agent."""
+
+    model_config = SettingsConfigDict(
+        frozen=True, extra="forbid", env_prefix="EDGE_AGENT_", env_nested_delimiter="__"
+    )
+
+    owner: OwnerSection = OwnerSection()
+    vehicle: VehicleSection
+    limits: LimitsSection = LimitsSection()
+    broker: BrokerSection = BrokerSection()
+    keys: KeysSection
+    models: ModelsSection
+    agent: AgentSection = AgentSection()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (env_settings, init_settings)
+
+
+_PATH_KEYS = (("vehicle", "scenario"), ("keys", "vehicle_key"), ("keys", "trusted_job_keys"),
+              ("models", "dir"))
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    for section, key in _PATH_KEYS:
+        table = data.get(section)
+        if isinstance(table, dict) and isinstance(table.get(key), str):
+            table[key] = str((base / table[key]).resolve())
+
+
+def _describe(err: Any, data: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"`{loc}`: unknown key (check its spelling; docs/config.md lists every key)"
+    if err["type"] == "missing":
+        return f"`{loc}`: required key is missing"
+    value = err.get("input")
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if isinstance(value, dict):
+        return f"`{loc or '(file)'}`: {msg}"
+    return f"`{loc}` = {value!r}: {msg}"
+
+
+def parse_config(text: str, *, path: Path) -> AgentConfig:
+    """Parse config text (the file at `path`); raise ConfigError listing every problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    _resolve_paths(data, path.parent)
+    try:
+        return AgentConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(path, [_describe(e, data) for e in exc.errors()]) from None
+
+
+def load_config(path: Path) -> AgentConfig:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read the file: {exc.strerror}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, ["the file is not UTF-8 text"]) from None
+    return parse_config(text, path=path)

@@ -1,0 +1,422 @@
+"""The agent daemon: wires the vehicle, the gate, the broker and the engine in one TaskGroup.
+
+Tasks, each named and owned here:
+  vehicle-watch    polls the vehicle, runs the gate, preempts on close
+  mqtt-connection  connects (reconnecting with backoff) and owns, per connection:
+      job-receiver     verifies, parses and admits jobs from the vehicle's jobs topic
+      work-requester   asks for work while the gate is open and a slot is free
+      status-publisher keeps the retained status current
+  job-executor     runs accepted jobs one at a time and publishes sealed results
+  stop-watch       turns the stop event into an ordered, time-boxed shutdown
+The decisions themselves (gate, admission, backoff, wire codec) are pure code
+in agent.core and agent.wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.core.admission import AdmissionContext, HeldModel, admit
+from agent.core.backoff import backoff_delays
+from agent.core.gate import Gate, GateDecision, GatePolicy
+from agent.inference.engine import InferenceEngine
+from agent.inference.store import ModelStore
+from agent.logs import get_logger
+from agent.vehicle.snapshot import VehicleSignals
+from agent.wire import envelope
+from agent.wire.codec import dump_model, parse_model
+from agent.wire.errors import Reason, WireError
+from agent.wire.keys import KeyRing, x25519_public
+from agent.wire.messages import (
+    SUITE,
+    EventKind,
+    JobEvent,
+    JobSpec,
+    ModelHeld,
+    ResultBody,
+    SealedResult,
+    VehicleStatus,
+    WorkRequest,
+)
+from agent.wire.sealing import result_info, seal
+from agent.wire.tensors import Tensor
+from agent.wire.topics import Channel, topic
+
+# Room for MQTT headers and topic names on top of the largest payload we accept.
+_PACKET_OVERHEAD = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedJob:
+    job: JobSpec
+    model: HeldModel
+    digest: str  # sha256 of what the fleet signed; binds the sealed result
+
+
+class _Shutdown(Exception):
+    """Raised inside the TaskGroup to end it after an orderly stop."""
+
+
+class Agent:
+    """One vehicle's agent. `run(stop)` serves until `stop` is set."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        vehicle: VehicleSignals,
+        engine: InferenceEngine,
+        store: ModelStore,
+        signing_key: Ed25519PrivateKey,
+        trusted: KeyRing,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.vehicle_id = config.vehicle.id
+        self._vehicle = vehicle
+        self._engine = engine
+        self._store = store
+        self._key = signing_key
+        self._trusted = trusted
+        self._clock = clock
+        self._log = get_logger(vehicle_id=self.vehicle_id)
+        limits = config.limits
+        self.gate = Gate(
+            GatePolicy(
+                opted_in=config.owner.opted_in,
+                max_compute_temp_c=limits.max_compute_temp_c,
+                resume_margin_c=limits.resume_margin_c,
+                hold_s=limits.gate_hold_s,
+            )
+        )
+        self._capacity = config.agent.capacity
+        self._queue: asyncio.Queue[AcceptedJob] = asyncio.Queue(maxsize=self._capacity)
+        # Replay record: (job_id, attempt) of every job seen. In memory for now.
+        self._seen: set[tuple[str, int]] = set()
+        self._client: aiomqtt.Client | None = None
+        self._connected = asyncio.Event()
+        self._wake_requester = asyncio.Event()
+        self._status_dirty = asyncio.Event()
+        self._current: tuple[AcceptedJob, asyncio.Task[None]] | None = None
+        self._executor_idle = asyncio.Event()
+        self._preempt_reason = ""
+        self._outstanding = 0  # jobs asked for and not yet arrived
+        self._request_id = 0
+        self._stopping = False
+        # What happened, for `status` and tests: counts by event kind and reason.
+        self.counts: Counter[str] = Counter()
+
+    # ---- lifecycle -------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set, then shut down in order within the grace period."""
+        self._log.info("agent_starting", version=__version__, models=sorted(self._store.held))
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._watch_vehicle(), name="vehicle-watch")
+                tg.create_task(self._stay_connected(), name="mqtt-connection")
+                tg.create_task(self._execute(), name="job-executor")
+                tg.create_task(self._stop_when(stop), name="stop-watch")
+        except* _Shutdown:
+            pass
+        self._log.info("agent_stopped", **dict(self.counts))
+
+    async def _stop_when(self, stop: asyncio.Event) -> None:
+        await stop.wait()
+        self._stopping = True
+        self._log.info("agent_stopping", grace_s=self.config.agent.shutdown_grace_s)
+        grace = self.config.agent.shutdown_grace_s
+        # Phase 1: no new work; let the running job finish within the grace period.
+        if self._current is not None:
+            _, task = self._current
+            done, _ = await asyncio.wait({task}, timeout=grace)
+            if not done:
+                self._preempt("shutdown")
+        try:
+            async with asyncio.timeout(max(grace, 1.0)):
+                await self._executor_idle.wait()
+        except TimeoutError:
+            self._log.warning("executor_not_idle_at_shutdown")
+        # Phase 2: hand back what was accepted but not started.
+        while not self._queue.empty():
+            item = self._queue.get_nowait()
+            await self._event_soon(item.job, EventKind.RELEASED, "shutdown", "agent stopping")
+        # Phase 3: say goodbye (a clean disconnect does not fire the Last Will).
+        if self._client is not None:
+            try:
+                async with asyncio.timeout(2.0):
+                    await self._publish_status(self._client, online=False)
+            except (TimeoutError, aiomqtt.MqttError):
+                self._log.warning("offline_status_not_sent")
+        raise _Shutdown
+
+    # ---- the vehicle and the gate ---------------------------------------
+
+    async def _watch_vehicle(self) -> None:
+        while True:
+            decision = self.gate.evaluate(self._vehicle.snapshot(self._clock()))
+            if decision.changed:
+                self._on_gate_change(decision)
+            await asyncio.sleep(self.config.agent.vehicle_poll_s)
+
+    def _on_gate_change(self, decision: GateDecision) -> None:
+        reasons = [r.value for r in decision.reasons]
+        if decision.open:
+            self._log.info("gate_opened")
+        else:
+            self._log.info("gate_closed", reasons=reasons)
+            self._preempt(",".join(reasons))
+        self._status_dirty.set()
+        self._wake_requester.set()
+
+    def _preempt(self, reason: str) -> None:
+        if self._current is not None:
+            self._preempt_reason = reason
+            self._current[1].cancel()
+
+    # ---- the connection ---------------------------------------------------
+
+    def _make_client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.MaximumPacketSize = self.config.agent.max_message_bytes + _PACKET_OVERHEAD
+        offline = VehicleStatus(
+            vehicle_id=self.vehicle_id, online=False, gate_open=False,
+            reasons=("connection_lost",), agent_version=__version__, at=self._clock(),
+        )
+        b = self.config.broker
+        return aiomqtt.Client(
+            b.host,
+            b.port,
+            identifier=f"vehicle-{self.vehicle_id}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=b.keepalive_s,
+            will=aiomqtt.Will(
+                topic(self.vehicle_id, Channel.STATUS), dump_model(offline), qos=1, retain=True
+            ),
+            max_queued_incoming_messages=self._capacity * 4 + 16,
+            max_inflight_messages=20,
+            properties=props,
+            timeout=10,
+        )
+
+    async def _stay_connected(self) -> None:
+        delays = backoff_delays(base_s=0.5, cap_s=30.0)
+        while True:
+            try:
+                async with self._make_client() as client:
+                    self._client = client
+                    await client.subscribe(topic(self.vehicle_id, Channel.JOBS), qos=1)
+                    self._connected.set()
+                    delays = backoff_delays(base_s=0.5, cap_s=30.0)
+                    self._log.info("connected", broker=f"{self.config.broker.host}:{self.config.broker.port}")
+                    self._status_dirty.set()
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._receive_jobs(client), name="job-receiver")
+                        tg.create_task(self._request_work(client), name="work-requester")
+                        tg.create_task(self._publish_statuses(client), name="status-publisher")
+            except* aiomqtt.MqttError as group:
+                self._log.warning("disconnected", reason=str(group.exceptions[0]))
+            finally:
+                self._connected.clear()
+                self._client = None
+                self._outstanding = 0
+            delay = next(delays)
+            self.counts["reconnects"] += 1
+            self._log.info("reconnect_wait", delay_s=round(delay, 2))
+            await asyncio.sleep(delay)
+
+    async def _publish_status(self, client: aiomqtt.Client, *, online: bool) -> None:
+        decision = self.gate.last
+        status = VehicleStatus(
+            vehicle_id=self.vehicle_id,
+            online=online,
+            gate_open=bool(decision and decision.open) and online,
+            reasons=tuple(r.value for r in decision.reasons) if decision else (),
+            agent_version=__version__,
+            at=self._clock(),
+        )
+        await client.publish(
+            topic(self.vehicle_id, Channel.STATUS), dump_model(status), qos=1, retain=True
+        )
+
+    async def _publish_statuses(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._status_dirty.wait()
+            self._status_dirty.clear()
+            await self._publish_status(client, online=True)
+
+    async def _request_work(self, client: aiomqtt.Client) -> None:
+        interval = self.config.agent.work_request_interval_s
+        held = tuple(ModelHeld(name=m.name, sha256=m.sha256) for m in self._store.held.values())
+        while True:
+            self._wake_requester.clear()
+            busy = self._queue.qsize() + (1 if self._current else 0) + self._outstanding
+            free = self._capacity - busy
+            if self.gate.is_open and not self._stopping and free > 0:
+                self._request_id += 1
+                request = WorkRequest(
+                    vehicle_id=self.vehicle_id, request_id=self._request_id, capacity=free,
+                    models=held, sent_at=self._clock(),
+                )
+                self._outstanding += free
+                await client.publish(topic(self.vehicle_id, Channel.WORK), dump_model(request), qos=1)
+            try:
+                async with asyncio.timeout(interval):
+                    await self._wake_requester.wait()
+            except TimeoutError:
+                self._outstanding = 0  # whatever was not sent by now is not coming
+
+    # ---- jobs in ----------------------------------------------------------
+
+    async def _receive_jobs(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            payload = message.payload
+            raw = payload if isinstance(payload, bytes) else str(payload).encode()
+            await self.handle_job_message(raw)
+
+    async def handle_job_message(self, raw: bytes) -> None:
+        """Verify, parse and admit one job message; accept, hand back, or reject it."""
+        self._outstanding = max(0, self._outstanding - 1)
+        job: JobSpec | None = None
+        try:
+            verified = envelope.verify(
+                raw,
+                payload_type=envelope.JOB_TYPE,
+                trusted=self._trusted,
+                max_bytes=self.config.agent.max_message_bytes,
+            )
+            job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
+            ctx = AdmissionContext(
+                vehicle_id=self.vehicle_id,
+                now=self._clock(),
+                max_clock_skew_s=self.config.agent.max_clock_skew_s,
+                max_input_bytes=self.config.agent.max_input_bytes,
+                seen=self._seen,
+                models=self._store.held,
+            )
+            model = admit(job, verified.keyid, ctx)
+        except WireError as err:
+            await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
+            return
+        self._seen.add((job.job_id, job.attempt))
+        if not self.gate.is_open or self._stopping:
+            await self._event(job, EventKind.RELEASED, Reason.GATE_CLOSED.value, "vehicle not eligible now")
+        elif self._queue.full():
+            await self._event(job, EventKind.RELEASED, Reason.BUSY.value, "no free slot")
+        else:
+            self._queue.put_nowait(AcceptedJob(job, model, verified.digest))
+            await self._event(job, EventKind.ACCEPTED)
+        self._wake_requester.set()
+
+    # ---- running ----------------------------------------------------------
+
+    async def _execute(self) -> None:
+        while True:
+            self._executor_idle.set()
+            item = await self._queue.get()
+            self._executor_idle.clear()
+            if not self.gate.is_open or self._stopping:
+                reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
+                await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
+                continue
+            run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
+            self._current = (item, run)
+            try:
+                await asyncio.wait({run})
+            finally:
+                self._current = None
+                if not run.done():
+                    run.cancel()
+            if run.cancelled():
+                await self._event_soon(item.job, EventKind.PREEMPTED, self._preempt_reason,
+                                       "compute stopped; job handed back")
+            self._wake_requester.set()
+
+    async def _run_job(self, item: AcceptedJob) -> None:
+        job = item.job
+        await self._event_soon(job, EventKind.RUNNING)
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(job.limits.max_runtime_s):
+                outputs = await self._engine.run(
+                    item.model, lambda: self._store.read_verified(item.model), job.inputs
+                )
+        except TimeoutError:
+            await self._event_soon(job, EventKind.FAILED, Reason.DEADLINE.value,
+                                   f"ran past max_runtime_s={job.limits.max_runtime_s}")
+            return
+        except WireError as err:
+            await self._event_soon(job, EventKind.FAILED, err.reason.value, err.detail)
+            return
+        runtime_ms = (time.perf_counter() - started) * 1000
+        sealed = self._seal(item, outputs, runtime_ms)
+        await self._publish(topic(self.vehicle_id, Channel.RESULTS), sealed)
+        await self._event_soon(job, EventKind.SUCCEEDED, detail=f"runtime_ms={runtime_ms:.2f}")
+
+    def _seal(self, item: AcceptedJob, outputs: dict[str, Tensor], runtime_ms: float) -> bytes:
+        job = item.job
+        body = ResultBody(
+            job_id=job.job_id, attempt=job.attempt, vehicle_id=self.vehicle_id,
+            model_sha256=item.model.sha256, outputs=outputs,
+            runtime_ms=runtime_ms, finished_at=self._clock(),
+        )
+        info = result_info(job.job_id, job.attempt, self.vehicle_id, item.digest)
+        ciphertext = seal(dump_model(body), x25519_public(job.requester_key), info)
+        sealed = SealedResult(
+            job_id=job.job_id, attempt=job.attempt, vehicle_id=self.vehicle_id,
+            job_digest=item.digest, suite=SUITE, ciphertext=ciphertext,
+        )
+        return envelope.sign(envelope.RESULT_TYPE, dump_model(sealed), self._key)
+
+    # ---- out --------------------------------------------------------------
+
+    async def _publish(self, topic_name: str, payload: bytes) -> None:
+        """Publish at QoS 1, waiting through disconnections until the broker acknowledges."""
+        while True:
+            await self._connected.wait()
+            client = self._client
+            if client is None:
+                await asyncio.sleep(0.05)
+                continue
+            try:
+                await client.publish(topic_name, payload, qos=1)
+                return
+            except aiomqtt.MqttError as exc:
+                self._log.warning("publish_retry", topic=topic_name, reason=str(exc))
+                await asyncio.sleep(0.2)
+
+    async def _event(
+        self, job: JobSpec | None, kind: EventKind, reason: str | None = None, detail: str = ""
+    ) -> None:
+        self.counts[kind.value] += 1
+        if reason:
+            self.counts[f"{kind.value}:{reason}"] += 1
+        ids = {"job_id": job.job_id, "attempt": job.attempt} if job else {}
+        level = "warning" if kind in (EventKind.REJECTED, EventKind.FAILED) else "info"
+        getattr(self._log, level)(f"job_{kind.value}", reason=reason, detail=detail or None, **ids)
+        event = JobEvent(
+            vehicle_id=self.vehicle_id, kind=kind, reason=reason, detail=detail[:500],
+            at=self._clock(), **ids,  # type: ignore[arg-type]
+        )
+        await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
+
+    async def _event_soon(
+        self, job: JobSpec, kind: EventKind, reason: str | None = None, detail: str = ""
+    ) -> None:
+        """An event that must not hold up compute or shutdown for long if the broker is away."""
+        try:
+            async with asyncio.timeout(5.0):
+                await self._event(job, kind, reason, detail)
+        except TimeoutError:
+            self._log.warning("event_not_sent", job_id=job.job_id, kind=kind.value)

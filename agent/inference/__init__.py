@@ -1,0 +1,1 @@
+"""Models and inference: the verified model store and the engine that runs them."""

@@ -1,0 +1,42 @@
+"""What the rest of the agent reads about the car: one immutable snapshot at a time.
+
+Implementations of `VehicleSignals` (the emulated car, a rig's sensors) live
+beside this module; the gate and the daemon only ever see snapshots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class Gear(StrEnum):
+    PARK = "P"
+    REVERSE = "R"
+    NEUTRAL = "N"
+    DRIVE = "D"
+
+
+@dataclass(frozen=True, slots=True)
+class VehicleSnapshot:
+    """The car's state at time `at` (seconds, the agent's clock)."""
+
+    at: float
+    gear: Gear
+    plugged_in: bool
+    charging: bool
+    compute_temp_c: float
+    charge_power_w: float = 0.0
+    soc_pct: float = 50.0
+    battery_temp_c: float = 25.0
+    ambient_temp_c: float = 20.0
+    compute_power_w: float = 0.0
+    # Where each value came from ("emulated", "sysfs:/sys/class/...", ...).
+    sources: dict[str, str] = field(default_factory=dict, compare=False)
+
+
+class VehicleSignals(Protocol):
+    """Anything that can say what state the car is in now."""
+
+    def snapshot(self, now: float) -> VehicleSnapshot: ...

@@ -1,0 +1,91 @@
+"""Strict JSON for everything on the wire: no duplicate keys, no NaN/Infinity, bounded size.
+
+Python's json module accepts duplicate keys (the last one wins) and the
+non-standard NaN and Infinity; both have broken signed-JSON systems. Payloads
+are checked here first, then validated by frozen pydantic models in strict mode.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, PlainSerializer, ValidationError
+from pydantic.functional_validators import BeforeValidator
+
+from agent.wire.errors import Reason, WireError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class WireModel(BaseModel):
+    """Base for every wire message: frozen, unknown fields refused, no type coercion."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def check_strict_json(raw: bytes, *, what: str, reason: Reason) -> None:
+    """Raise `WireError(reason)` unless `raw` is UTF-8 JSON without duplicate keys or NaN."""
+    try:
+        json.loads(
+            raw.decode("utf-8"),
+            object_pairs_hook=_reject_duplicates,
+            parse_constant=_reject_constant,
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise WireError(reason, f"{what} is not strict JSON: {exc}") from None
+
+
+def parse_model(raw: bytes, model: type[M], *, what: str, reason: Reason) -> M:
+    """Parse `raw` strictly into `model`, or raise `WireError(reason)` naming the bad field."""
+    check_strict_json(raw, what=what, reason=reason)
+    try:
+        return model.model_validate_json(raw, strict=True)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+        raise WireError(reason, f"{what} field {where}: {first['msg']}{more}") from None
+
+
+def dump_model(message: BaseModel) -> bytes:
+    """Serialise a wire model to compact UTF-8 JSON bytes."""
+    return message.model_dump_json(by_alias=True).encode("utf-8")
+
+
+def _b64decode(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 string")
+    try:
+        return base64.b64decode(value.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError):
+        raise ValueError("invalid base64") from None
+
+
+def b64encode(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+# Standard base64 with padding, decoded strictly (no stray characters).
+B64Bytes = Annotated[
+    bytes,
+    BeforeValidator(_b64decode),
+    PlainSerializer(b64encode, return_type=str, when_used="json"),
+]

@@ -1,0 +1,46 @@
+"""The reasons a message from the wire is refused, and the error that carries one.
+
+Every refusal, on either side of the wire, ends in a `WireError` whose
+`reason` is one of `Reason`'s stable codes (they appear in rejected events and
+in logs, so fleets can count them) and whose `detail` says what was wrong.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Stable codes for why a message was refused or a job did not run."""
+
+    OVERSIZED = "oversized"
+    MALFORMED_ENVELOPE = "malformed_envelope"
+    UNSIGNED = "unsigned"
+    WRONG_PAYLOAD_TYPE = "wrong_payload_type"
+    UNKNOWN_KEY = "unknown_key"
+    BAD_SIGNATURE = "bad_signature"
+    MALFORMED_PAYLOAD = "malformed_payload"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    WRONG_VEHICLE = "wrong_vehicle"
+    REPLAYED = "replayed"
+    MODEL_UNAVAILABLE = "model_unavailable"
+    MODEL_MISMATCH = "model_mismatch"
+    BAD_INPUTS = "bad_inputs"
+    BAD_CIPHERTEXT = "bad_ciphertext"
+    UNKNOWN_JOB = "unknown_job"
+    # Not refusals of the message itself: the vehicle hands the job back.
+    GATE_CLOSED = "gate_closed"
+    BUSY = "busy"
+    # Failures while running an accepted job.
+    DEADLINE = "deadline_exceeded"
+    RUNTIME_ERROR = "runtime_error"
+
+
+class WireError(Exception):
+    """Raised when a message from the wire is refused; `reason` says why, for machines."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail

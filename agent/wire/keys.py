@@ -1,0 +1,165 @@
+"""Keys and their file formats, shared by both sides.
+
+Ed25519 signs jobs (fleet) and results (vehicle); X25519 receives sealed
+results (requester). A key id is sha256(raw public key)[:16] in hex: a hint
+for finding the key, never a security decision. Private keys are PEM PKCS#8
+files written 0600; public keys travel as base64 of the raw 32 bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from pydantic import Field
+
+from agent.wire.codec import B64Bytes, WireModel, b64encode, dump_model, parse_model
+from agent.wire.errors import Reason, WireError
+from agent.wire.topics import VEHICLE_ID_PATTERN
+
+
+class KeyFileError(Exception):
+    """Raised when a key file is missing, unreadable, or not the key it should be."""
+
+
+def raw_public(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def key_id(key: Ed25519PublicKey | X25519PublicKey) -> str:
+    return hashlib.sha256(raw_public(key)).hexdigest()[:16]
+
+
+def write_private_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
+    """Write `key` as PEM PKCS#8, readable by the owner only; refuses to overwrite."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+
+
+def _read_private(path: Path) -> object:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as exc:
+        raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+
+
+def load_signing_key(path: Path) -> Ed25519PrivateKey:
+    key = _read_private(path)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
+    return key
+
+
+def load_requester_key(path: Path) -> X25519PrivateKey:
+    key = _read_private(path)
+    if not isinstance(key, X25519PrivateKey):
+        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an X25519 key")
+    return key
+
+
+def ed25519_public(raw: bytes) -> Ed25519PublicKey:
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise ValueError("not a 32-byte Ed25519 public key") from None
+
+
+def x25519_public(raw: bytes) -> X25519PublicKey:
+    try:
+        return X25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise ValueError("not a 32-byte X25519 public key") from None
+
+
+class TrustedKey(WireModel):
+    keyid: str = Field(pattern=r"^[0-9a-f]{16}$")
+    public_key: B64Bytes = Field(min_length=32, max_length=32)
+    name: str = Field(default="", max_length=128)
+
+
+class TrustedKeysFile(WireModel):
+    """The file of job-signing public keys a vehicle trusts (named in its config)."""
+
+    version: int = Field(ge=1, le=1)
+    keys: tuple[TrustedKey, ...] = Field(max_length=64)
+
+
+class VehicleKey(WireModel):
+    vehicle_id: str = Field(pattern=f"^{VEHICLE_ID_PATTERN}$")
+    public_key: B64Bytes = Field(min_length=32, max_length=32)
+
+
+class VehicleRegistryFile(WireModel):
+    """The fleet's record of each vehicle's result-signing public key."""
+
+    version: int = Field(ge=1, le=1)
+    vehicles: tuple[VehicleKey, ...]
+
+
+class KeyRing:
+    """Ed25519 public keys by key id."""
+
+    def __init__(self, keys: dict[str, Ed25519PublicKey]) -> None:
+        self._keys = dict(keys)
+
+    @classmethod
+    def of(cls, *keys: Ed25519PublicKey) -> KeyRing:
+        return cls({key_id(k): k for k in keys})
+
+    def get(self, keyid: str) -> Ed25519PublicKey | None:
+        return self._keys.get(keyid)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def to_file(self) -> bytes:
+        entries = tuple(
+            TrustedKey(keyid=kid, public_key=raw_public(k)) for kid, k in self._keys.items()
+        )
+        return dump_model(TrustedKeysFile(version=1, keys=entries))
+
+    @classmethod
+    def load(cls, path: Path) -> KeyRing:
+        """Read a trusted-keys file; raise KeyFileError on anything wrong with it."""
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise KeyFileError(f"cannot read trusted keys {path}: {exc.strerror}") from None
+        try:
+            parsed = parse_model(
+                raw, TrustedKeysFile, what="trusted keys file", reason=Reason.MALFORMED_PAYLOAD
+            )
+        except WireError as exc:
+            raise KeyFileError(f"{path}: {exc.detail}") from None
+        keys: dict[str, Ed25519PublicKey] = {}
+        for entry in parsed.keys:
+            try:
+                pub = ed25519_public(entry.public_key)
+            except ValueError as exc:
+                raise KeyFileError(f"{path}: key {entry.keyid}: {exc}") from None
+            if key_id(pub) != entry.keyid:
+                raise KeyFileError(
+                    f"{path}: keyid {entry.keyid} does not match its public key "
+                    f"(expected {key_id(pub)})"
+                )
+            keys[entry.keyid] = pub
+        return cls(keys)
+
+
+def public_b64(key: Ed25519PublicKey | X25519PublicKey) -> str:
+    return b64encode(raw_public(key))

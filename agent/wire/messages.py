@@ -1,0 +1,142 @@
+"""The message schemas of protocol v1. Every field is checked; unknown fields are refused.
+
+Signed payloads: `JobSpec` (fleet -> vehicle, inside a job envelope) and
+`SealedResult` (vehicle -> requester, inside a result envelope, with the
+plaintext `ResultBody` encrypted in it). Plain messages: `WorkRequest`,
+`JobEvent`, `VehicleStatus`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from agent.wire.codec import B64Bytes, WireModel
+from agent.wire.tensors import Tensor
+from agent.wire.topics import VEHICLE_ID_PATTERN
+
+VehicleId = str
+_VID = f"^{VEHICLE_ID_PATTERN}$"
+_JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
+_SHA256 = r"^[0-9a-f]{64}$"
+_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+
+MAX_JOB_LIFETIME_S = 7 * 24 * 3600.0
+MAX_INPUTS = 16
+MAX_MODEL_BYTES = 256 * 1024 * 1024
+
+
+class ModelRef(WireModel):
+    """A model pinned by name, sha256 and exact byte length."""
+
+    name: str = Field(pattern=_NAME)
+    sha256: str = Field(pattern=_SHA256)
+    size: int = Field(gt=0, le=MAX_MODEL_BYTES)
+
+
+class Limits(WireModel):
+    max_runtime_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
+
+
+class JobSpec(WireModel):
+    """One inference job, bound to one vehicle and signed by a fleet job-signing key."""
+
+    job_id: str = Field(pattern=_JOB_ID)
+    attempt: int = Field(ge=1, le=1000)
+    issuer: str = Field(pattern=r"^[0-9a-f]{16}$")
+    issued_at: float = Field(ge=0, allow_inf_nan=False)
+    expires_at: float = Field(ge=0, allow_inf_nan=False)
+    vehicle_id: str = Field(pattern=_VID)
+    job_class: str = Field(pattern=_NAME)
+    model: ModelRef
+    inputs: dict[str, Tensor] = Field(min_length=1, max_length=MAX_INPUTS)
+    limits: Limits
+    requester_key: B64Bytes = Field(min_length=32, max_length=32)
+
+    @model_validator(mode="after")
+    def _lifetime(self) -> JobSpec:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        if self.expires_at - self.issued_at > MAX_JOB_LIFETIME_S:
+            raise ValueError(f"job lifetime exceeds {MAX_JOB_LIFETIME_S:.0f} s")
+        for name in self.inputs:
+            if not 1 <= len(name) <= 128:
+                raise ValueError("input names must be 1-128 characters")
+        return self
+
+
+class ModelHeld(WireModel):
+    name: str = Field(pattern=_NAME)
+    sha256: str = Field(pattern=_SHA256)
+
+
+class WorkRequest(WireModel):
+    """Sent by an eligible vehicle: 'I can take `capacity` more jobs for these models'."""
+
+    vehicle_id: str = Field(pattern=_VID)
+    request_id: int = Field(ge=0)
+    capacity: int = Field(ge=1, le=64)
+    models: tuple[ModelHeld, ...] = Field(max_length=256)
+    sent_at: float = Field(ge=0, allow_inf_nan=False)
+
+
+class EventKind(StrEnum):
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    PREEMPTED = "preempted"
+    RELEASED = "released"
+
+
+class JobEvent(WireModel):
+    """A step in a job's life on a vehicle. `job_id` is None when the job could not be read."""
+
+    vehicle_id: str = Field(pattern=_VID)
+    job_id: str | None = Field(default=None, pattern=_JOB_ID)
+    attempt: int | None = Field(default=None, ge=1, le=1000)
+    kind: EventKind
+    reason: str | None = Field(default=None, max_length=64)
+    detail: str = Field(default="", max_length=500)
+    at: float = Field(ge=0, allow_inf_nan=False)
+
+
+class VehicleStatus(WireModel):
+    """Retained on the status topic; the Last Will publishes `online: false`."""
+
+    vehicle_id: str = Field(pattern=_VID)
+    online: bool
+    gate_open: bool
+    reasons: tuple[str, ...] = Field(default=(), max_length=32)
+    agent_version: str = Field(default="", max_length=32)
+    at: float = Field(ge=0, allow_inf_nan=False)
+
+
+SUITE = "X25519-HKDF-SHA256-ChaCha20Poly1305"
+
+
+class SealedResult(WireModel):
+    """A result encrypted to the requester; signed by the vehicle inside a result envelope."""
+
+    job_id: str = Field(pattern=_JOB_ID)
+    attempt: int = Field(ge=1, le=1000)
+    vehicle_id: str = Field(pattern=_VID)
+    job_digest: str = Field(pattern=_SHA256)
+    suite: Literal["X25519-HKDF-SHA256-ChaCha20Poly1305"]
+    ciphertext: B64Bytes = Field(max_length=128 * 1024 * 1024)
+
+
+class ResultBody(WireModel):
+    """The plaintext inside a SealedResult: only the requester reads it."""
+
+    job_id: str = Field(pattern=_JOB_ID)
+    attempt: int = Field(ge=1, le=1000)
+    vehicle_id: str = Field(pattern=_VID)
+    model_sha256: str = Field(pattern=_SHA256)
+    outputs: dict[str, Tensor] = Field(max_length=MAX_INPUTS)
+    runtime_ms: float = Field(ge=0, allow_inf_nan=False)
+    finished_at: float = Field(ge=0, allow_inf_nan=False)
+    energy_wh: float | None = Field(default=None, ge=0, allow_inf_nan=False)

@@ -1,0 +1,94 @@
+"""Starts and stops a private Mosquitto on a free loopback port (tests, demo, rigs)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from importlib import resources
+from pathlib import Path
+
+
+class BrokerError(Exception):
+    """Raised when the local Mosquitto cannot be found or does not come up."""
+
+
+INSTALL_HINT = "install it with: sudo apt-get install -y mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or next(
+        (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
+    )
+    if found is None:
+        raise BrokerError(f"the mosquitto binary is not installed; {INSTALL_HINT}")
+    return found
+
+
+class LocalMosquitto:
+    """A mosquitto process of our own, listening on 127.0.0.1:`port`."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.workdir = workdir
+        self.host = "127.0.0.1"
+        self.port = port or free_port()
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.log_file = workdir / "mosquitto.log"
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        template = resources.files("broker").joinpath("mosquitto/local.conf").read_text()
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(template.format(port=self.port, log_file=self.log_file))
+        self.log_file.touch()
+        self.log_file.chmod(0o666)  # mosquitto drops to its own user when started as root
+        self._proc = subprocess.Popen(
+            [mosquitto_binary(), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                log = self.log_file.read_text(errors="replace")[-2000:]
+                raise BrokerError(f"mosquitto exited with {self._proc.returncode}: {err}{log}")
+            try:
+                with socket.create_connection((self.host, self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.02)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} in {timeout_s} s")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+        if proc.stderr:
+            proc.stderr.close()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> LocalMosquitto:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
