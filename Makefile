@@ -1,0 +1,55 @@
+# One command per chore; the same locally and in CI.
+#   make test    set up (venv, package, mosquitto) and run the suite
+#   make demo    set up and run the end-to-end demo
+#   make lint    ruff and mypy
+#   make models  regenerate the shipped models (needs the models extra)
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test demo lint models mosquitto clean
+
+setup: mosquitto $(STAMP)
+
+# The mosquitto binary: installed with apt-get when running as root, else a clear instruction.
+mosquitto:
+	@if command -v mosquitto >/dev/null || [ -x /usr/sbin/mosquitto ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing mosquitto with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	else \
+		echo "mosquitto is missing: run 'sudo apt-get install -y mosquitto', then 'make $(MAKECMDGOALS)' again"; \
+		exit 1; \
+	fi
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+		{ echo "Python >= 3.11 is needed (found $$($(PYTHON) --version))"; exit 1; }
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null \
+			&& $(PYTHON) -m venv $(VENV); \
+		else echo "python venv is missing: run 'sudo apt-get install -y python3-venv'"; exit 1; fi; }
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+test: setup
+	$(BIN)/pytest -q
+
+demo: setup
+	$(BIN)/edge-fleet demo
+
+lint: setup
+	$(BIN)/ruff check agent broker tests bench models
+	$(BIN)/ruff format --check agent broker tests bench models
+	$(BIN)/mypy
+
+models: setup
+	$(BIN)/pip install -q -e '.[models]'
+	$(BIN)/python models/build_models.py
+
+clean:
+	rm -rf $(VENV) demo-run demo-report.json .pytest_cache .mypy_cache .ruff_cache

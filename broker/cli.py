@@ -1,0 +1,230 @@
+"""`edge-fleet`: the fleet side's command line.
+
+    edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
+    edge-fleet broker [--port P]          a local Mosquitto for trying things out
+    edge-fleet keygen --job-key PATH --trusted-out PATH
+                                          a job-signing key and the trusted-keys file for vehicles
+    edge-fleet keygen --requester-key PATH
+                                          a requester's X25519 key for receiving results
+    edge-fleet register --registry PATH --vehicle-id ID --public-key B64
+                                          record a vehicle's result-signing key
+    edge-fleet submit --queue DB --requester-key PATH [--count N]
+                                          queue digit jobs from the shipped held-out set
+    edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH [--host H --port P]
+                                          the dispatcher and collector
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent import logs
+from agent.exitcodes import ExitCode
+from agent.wire.codec import dump_model, parse_model
+from agent.wire.errors import Reason, WireError
+from agent.wire.keys import (
+    KeyFileError,
+    KeyRing,
+    VehicleKey,
+    VehicleRegistryFile,
+    ed25519_public,
+    load_requester_key,
+    load_signing_key,
+    public_b64,
+    raw_public,
+    write_private_key,
+)
+from agent.wire.topics import check_vehicle_id
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edge-fleet", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="run the end-to-end demo")
+    demo.add_argument("--jobs", type=int, default=300)
+    demo.add_argument("--report", type=Path, default=Path("demo-report.json"))
+    demo.add_argument("--workdir", type=Path, default=Path("demo-run"))
+    br = sub.add_parser("broker", help="run a local mosquitto until Ctrl-C")
+    br.add_argument("--port", type=int, default=1883)
+    br.add_argument("--workdir", type=Path, default=Path("broker-run"))
+    kg = sub.add_parser("keygen", help="make fleet keys")
+    kg.add_argument("--job-key", type=Path)
+    kg.add_argument("--trusted-out", type=Path)
+    kg.add_argument("--requester-key", type=Path)
+    reg = sub.add_parser("register", help="record a vehicle's public key")
+    reg.add_argument("--registry", type=Path, required=True)
+    reg.add_argument("--vehicle-id", required=True)
+    reg.add_argument("--public-key", required=True)
+    sb = sub.add_parser("submit", help="queue digit jobs")
+    sb.add_argument("--queue", type=Path, required=True)
+    sb.add_argument("--requester-key", type=Path, required=True)
+    sb.add_argument("--count", type=int, default=10)
+    sb.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    sv = sub.add_parser("serve", help="run the dispatcher and collector")
+    sv.add_argument("--queue", type=Path, required=True)
+    sv.add_argument("--job-key", type=Path, required=True)
+    sv.add_argument("--requester-key", type=Path, required=True)
+    sv.add_argument("--registry", type=Path, required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=1883)
+    return p
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    if args.job_key is None and args.requester_key is None:
+        print("say --job-key PATH (with --trusted-out PATH) or --requester-key PATH", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        if args.job_key is not None:
+            if args.trusted_out is None:
+                print("--job-key needs --trusted-out PATH for the vehicles' trusted keys file",
+                      file=sys.stderr)
+                return ExitCode.USAGE
+            key = Ed25519PrivateKey.generate()
+            write_private_key(args.job_key, key)
+            args.trusted_out.write_bytes(KeyRing.of(key.public_key()).to_file())
+            print(f"wrote {args.job_key} and {args.trusted_out} (give the latter to vehicles)")
+        if args.requester_key is not None:
+            rkey = X25519PrivateKey.generate()
+            write_private_key(args.requester_key, rkey)
+            print(f"wrote {args.requester_key}; public key {public_b64(rkey.public_key())}")
+    except FileExistsError as exc:
+        print(f"{exc.filename} exists; refusing to overwrite a key", file=sys.stderr)
+        return ExitCode.KEY_EXISTS
+    return ExitCode.OK
+
+
+def _register(args: argparse.Namespace) -> int:
+    import base64
+    import binascii
+
+    try:
+        check_vehicle_id(args.vehicle_id)
+        raw = base64.b64decode(args.public_key, validate=True)
+        ed25519_public(raw)
+    except (ValueError, binascii.Error) as exc:
+        print(f"not registered: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    entries: dict[str, VehicleKey] = {}
+    if args.registry.exists():
+        try:
+            current = parse_model(args.registry.read_bytes(), VehicleRegistryFile,
+                                  what="registry", reason=Reason.MALFORMED_PAYLOAD)
+        except WireError as exc:
+            print(f"{args.registry}: {exc.detail}", file=sys.stderr)
+            return ExitCode.CONFIG
+        entries = {v.vehicle_id: v for v in current.vehicles}
+    entries[args.vehicle_id] = VehicleKey(vehicle_id=args.vehicle_id, public_key=raw)
+    args.registry.write_bytes(dump_model(VehicleRegistryFile(version=1, vehicles=tuple(entries.values()))))
+    print(f"registered {args.vehicle_id} in {args.registry}")
+    return ExitCode.OK
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from agent.wire.messages import Limits, ModelRef
+    from agent.wire.tensors import Tensor
+    from broker.queue import JobQueue, JobTemplate
+
+    manifest = json.loads((args.models / "manifest.json").read_text())
+    digits = next(m for m in manifest["models"] if m["name"] == "digits")
+    x = np.load(args.models / "digits_holdout.npz")["x"]
+    requester = load_requester_key(args.requester_key)
+    queue = JobQueue(args.queue)
+    model = ModelRef(name="digits", sha256=digits["sha256"], size=digits["size"])
+    for i in range(args.count):
+        row = x[i % len(x) : i % len(x) + 1]
+        queue.submit(JobTemplate(
+            job_class="digits-eval", model=model, inputs={"X": Tensor.from_numpy(row)},
+            limits=Limits(max_runtime_s=10), requester_key=raw_public(requester.public_key()),
+            lifetime_s=3600,
+        ), now=time.time())
+    print(f"queued {args.count} jobs in {args.queue}: {queue.counts()}")
+    queue.close()
+    return ExitCode.OK
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from broker.collector import Collector
+    from broker.fleet import FleetNode
+    from broker.queue import JobQueue
+
+    registry = parse_model(args.registry.read_bytes(), VehicleRegistryFile, what="registry",
+                           reason=Reason.MALFORMED_PAYLOAD)
+    queue = JobQueue(args.queue)
+    collector = Collector(
+        vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
+        requester_key=load_requester_key(args.requester_key),
+        digest_for=queue.assignment_digest,
+    )
+    node = FleetNode(host=args.host, port=args.port, queue=queue,
+                     signing_key=load_signing_key(args.job_key), collector=collector)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    task = asyncio.create_task(node.run(), name="fleet-node")
+    await asyncio.wait({task, asyncio.create_task(stop.wait(), name="stop")},
+                       return_when=asyncio.FIRST_COMPLETED)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    print(json.dumps({"queue": queue.counts(), "results": len(collector.results),
+                      "duplicates": collector.duplicates, "rejected": collector.rejected}))
+    return ExitCode.OK
+
+
+def _broker(args: argparse.Namespace) -> int:
+    from broker.local import BrokerError, LocalMosquitto
+
+    try:
+        with LocalMosquitto(args.workdir, port=args.port) as b:
+            print(f"mosquitto on {b.host}:{b.port} (Ctrl-C to stop)")
+            with contextlib.suppress(KeyboardInterrupt):
+                signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except BrokerError as exc:
+        print(exc, file=sys.stderr)
+        return ExitCode.CONFIG
+    return ExitCode.OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from broker.demo import main as demo_main
+
+        logs.configure(json=False, level=logging.WARNING)
+        return demo_main(jobs=args.jobs, out=args.report, workdir=args.workdir)
+    logs.configure(json=False)
+    try:
+        if args.command == "keygen":
+            return _keygen(args)
+        if args.command == "register":
+            return _register(args)
+        if args.command == "submit":
+            return _submit(args)
+        if args.command == "serve":
+            return asyncio.run(_serve(args))
+        if args.command == "broker":
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            return _broker(args)
+    except (KeyFileError, WireError, OSError) as exc:
+        print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    return ExitCode.USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""`make demo`: a private Mosquitto, three emulated vehicles, a few hundred jobs, decrypted results.
+
+One vehicle is parked, charging and cool (eligible); one is driving; one is
+parked but too hot. Each runs as its own `edge-agent run` process. The fleet
+node hands out signed digit-classification jobs from the model's held-out
+set, collects the sealed results, verifies and decrypts them, and checks the
+predictions against the labels. Only the eligible vehicle may have run jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.wire.keys import KeyRing, load_signing_key, raw_public, write_private_key
+from agent.wire.messages import Limits, ModelRef
+from agent.wire.tensors import Tensor
+from broker.collector import Collector
+from broker.fleet import FleetNode
+from broker.local import LocalMosquitto
+from broker.queue import JobQueue, JobTemplate
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+SCENARIOS = REPO / "agent" / "vehicle" / "scenarios"
+
+
+@dataclass(frozen=True)
+class DemoVehicle:
+    vehicle_id: str
+    scenario: str
+    eligible: bool
+
+
+VEHICLES = (
+    DemoVehicle("car-parked", "parked-charging", True),
+    DemoVehicle("car-driving", "driving", False),
+    DemoVehicle("car-hot", "hot-parked", False),
+)
+
+
+def _vehicle_config(d: Path, v: DemoVehicle, port: int) -> Path:
+    path = d / "agent.toml"
+    path.write_text(
+        f"""# Written by the demo for {v.vehicle_id}.
+[owner]
+opted_in = true
+consent_version = "2026-11"
+consent_date = 2026-11-01
+
+[vehicle]
+id = "{v.vehicle_id}"
+scenario = "{SCENARIOS / (v.scenario + '.toml')}"
+
+[limits]
+max_compute_temp_c = 85.0
+gate_hold_s = 0
+
+[broker]
+host = "127.0.0.1"
+port = {port}
+
+[keys]
+vehicle_key = "vehicle.key"
+trusted_job_keys = "trusted-job-keys.json"
+
+[models]
+dir = "{MODELS}"
+
+[agent]
+capacity = 8
+work_request_interval_s = 0.5
+"""
+    )
+    return path
+
+
+async def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]:
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    manifest = json.loads((MODELS / "manifest.json").read_text())
+    digits = next(m for m in manifest["models"] if m["name"] == "digits")
+    holdout = np.load(MODELS / "digits_holdout.npz")
+    x, y = holdout["x"], holdout["y"]
+    jobs = min(jobs, len(y))
+
+    job_key = Ed25519PrivateKey.generate()
+    requester = X25519PrivateKey.generate()
+    write_private_key(workdir / "fleet" / "job-signing.key", job_key)
+    write_private_key(workdir / "fleet" / "requester.key", requester)
+
+    started = time.monotonic()
+    broker = LocalMosquitto(workdir / "mosquitto")
+    broker.start()
+    print(f"mosquitto listening on 127.0.0.1:{broker.port}")
+    procs: list[subprocess.Popen[bytes]] = []
+    vehicle_keys = {}
+    try:
+        for v in VEHICLES:
+            d = workdir / v.vehicle_id
+            d.mkdir()
+            subprocess.run(
+                [sys.executable, "-m", "agent.cli", "keygen", "--out", str(d / "vehicle.key")],
+                check=True, stdout=subprocess.DEVNULL,
+            )
+            vehicle_keys[v.vehicle_id] = load_signing_key(d / "vehicle.key").public_key()
+            (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
+            config = _vehicle_config(d, v, broker.port)
+            log = (d / "agent.log").open("wb")
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                stdout=log, stderr=subprocess.STDOUT,
+            ))
+            log.close()
+
+        queue = JobQueue(workdir / "fleet" / "queue.db", lease_s=20.0)
+        collector = Collector(
+            vehicles=vehicle_keys, requester_key=requester, digest_for=queue.assignment_digest
+        )
+        node = FleetNode(host=broker.host, port=broker.port, queue=queue, signing_key=job_key,
+                         collector=collector)
+        model = ModelRef(name="digits", sha256=digits["sha256"], size=digits["size"])
+        labels: dict[str, int] = {}
+        for i in range(jobs):
+            template = JobTemplate(
+                job_class="digits-eval", model=model,
+                inputs={"X": Tensor.from_numpy(x[i : i + 1])}, limits=Limits(max_runtime_s=10),
+                requester_key=raw_public(requester.public_key()), lifetime_s=300,
+            )
+            labels[queue.submit(template, now=time.time(), job_id=f"digit-{i:04d}")] = int(y[i])
+        print(f"submitted {jobs} jobs; 3 vehicles starting")
+
+        fleet_task = asyncio.create_task(node.run(), name="fleet-node")
+        deadline = time.monotonic() + timeout_s
+        while len(collector.results) < jobs and time.monotonic() < deadline:
+            if fleet_task.done():
+                fleet_task.result()
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # let the last events arrive before the books close
+        fleet_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fleet_task
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        broker.stop()
+
+    import onnxruntime as ort
+
+    local = ort.InferenceSession(str(MODELS / "digits.onnx"), providers=["CPUExecutionProvider"])
+    local_labels = local.run(["label"], {"X": x[:jobs]})[0]
+    agree = sum(
+        int(c.body.outputs["label"].to_numpy()[0]) == int(local_labels[int(job_id.split("-")[1])])
+        for job_id, c in collector.results.items()
+    )
+    correct = sum(
+        int(c.body.outputs["label"].to_numpy()[0]) == labels[job_id]
+        for job_id, c in collector.results.items()
+    )
+    per_vehicle = {}
+    for v in VEHICLES:
+        ran = [c for c in collector.results.values() if c.vehicle_id == v.vehicle_id]
+        per_vehicle[v.vehicle_id] = {
+            "scenario": v.scenario,
+            "eligible": v.eligible,
+            "work_requests": node.work_requests[v.vehicle_id],
+            "jobs_received": queue.assignments_by_vehicle().get(v.vehicle_id, 0),
+            "jobs_run": node.events[v.vehicle_id]["running"],
+            "results_verified": len(ran),
+            "gate_reasons": list(node.status[v.vehicle_id].reasons) if v.vehicle_id in node.status else None,
+        }
+    ineligible_ran = sum(
+        r["jobs_run"] + r["results_verified"] + r["jobs_received"]
+        for r in per_vehicle.values() if not r["eligible"]
+    )
+    verified = len(collector.results)
+    report: dict[str, object] = {
+        "jobs_submitted": jobs,
+        "results_verified_and_decrypted": verified,
+        "duplicates_suppressed": collector.duplicates,
+        "results_rejected": collector.rejected,
+        "accuracy": round(correct / verified, 4) if verified else None,
+        "reference_accuracy": digits.get("holdout_accuracy"),
+        "agreement_with_local_onnxruntime": round(agree / verified, 4) if verified else None,
+        "per_vehicle": per_vehicle,
+        "queue": queue.counts(),
+        "ineligible_vehicles_ran_jobs": ineligible_ran > 0,
+        "wall_seconds": round(time.monotonic() - started, 2),
+        "ok": verified == jobs and ineligible_ran == 0 and agree == verified,
+    }
+    queue.close()
+    return report
+
+
+def print_report(report: dict[str, object]) -> None:
+    per_vehicle = report["per_vehicle"]
+    assert isinstance(per_vehicle, dict)
+    head = f"{'vehicle':<13}{'scenario':<17}{'requests':>9}{'received':>9}{'ran':>6}{'results':>9}  gate"
+    print("\n" + head + "\n" + "-" * (len(head) + 20))
+    for vid, r in per_vehicle.items():
+        reasons = ",".join(r["gate_reasons"] or []) or "open"
+        print(f"{vid:<13}{r['scenario']:<17}{r['work_requests']:>9}{r['jobs_received']:>9}"
+              f"{r['jobs_run']:>6}{r['results_verified']:>9}  {reasons}")
+    print(
+        f"\njobs submitted {report['jobs_submitted']}, results verified and decrypted "
+        f"{report['results_verified_and_decrypted']}, duplicates suppressed "
+        f"{report['duplicates_suppressed']}"
+    )
+    print(f"accuracy of decrypted predictions vs labels: {report['accuracy']} "
+          f"(model's reference on the whole held-out set: {report['reference_accuracy']}); "
+          f"agreement with onnxruntime run locally: {report['agreement_with_local_onnxruntime']}")
+    print(f"wall time {report['wall_seconds']} s; {'OK' if report['ok'] else 'FAILED'}")
+
+
+def main(*, jobs: int = 300, out: Path = Path("demo-report.json"),
+         workdir: Path = Path("demo-run"), timeout_s: float = 40.0) -> int:
+    report = asyncio.run(run_demo(workdir, jobs=jobs, timeout_s=timeout_s))
+    print_report(report)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"report written to {out}")
+    return 0 if report["ok"] else 1
