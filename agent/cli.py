@@ -1,8 +1,8 @@
 """`edge-agent`: the vehicle side's command line.
 
-    edge-agent run [--config PATH]        serve (the systemd service runs this)
-    edge-agent check-config PATH          validate an owner config; non-zero on error
-    edge-agent keygen --out PATH          make the vehicle's Ed25519 signing key
+edge-agent run [--config PATH]        serve (the systemd service runs this)
+edge-agent check-config PATH          validate an owner config; non-zero on error
+edge-agent keygen --out PATH          make the vehicle's Ed25519 signing key
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ async def _serve(config_path: Path) -> int:
         cfg = load_config(config_path)
         agent = build_agent(cfg)
     except (ConfigError, StartupError) as exc:
-        log.error("cannot_start", error=str(exc))
+        log.error("cannot_start", error=str(exc))  # noqa: TRY400 - the message is the news, not a traceback
         return ExitCode.CONFIG
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

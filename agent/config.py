@@ -117,8 +117,12 @@ class AgentConfig(BaseSettings):
         return (env_settings, init_settings)
 
 
-_PATH_KEYS = (("vehicle", "scenario"), ("keys", "vehicle_key"), ("keys", "trusted_job_keys"),
-              ("models", "dir"))
+_PATH_KEYS = (
+    ("vehicle", "scenario"),
+    ("keys", "vehicle_key"),
+    ("keys", "trusted_job_keys"),
+    ("models", "dir"),
+)
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:

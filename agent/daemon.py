@@ -64,7 +64,7 @@ class AcceptedJob:
     digest: str  # sha256 of what the fleet signed; binds the sealed result
 
 
-class _Shutdown(Exception):
+class _Shutdown(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised inside the TaskGroup to end it after an orderly stop."""
 
 
@@ -191,8 +191,12 @@ class Agent:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.MaximumPacketSize = self.config.agent.max_message_bytes + _PACKET_OVERHEAD
         offline = VehicleStatus(
-            vehicle_id=self.vehicle_id, online=False, gate_open=False,
-            reasons=("connection_lost",), agent_version=__version__, at=self._clock(),
+            vehicle_id=self.vehicle_id,
+            online=False,
+            gate_open=False,
+            reasons=("connection_lost",),
+            agent_version=__version__,
+            at=self._clock(),
         )
         b = self.config.broker
         return aiomqtt.Client(
@@ -219,7 +223,9 @@ class Agent:
                     await client.subscribe(topic(self.vehicle_id, Channel.JOBS), qos=1)
                     self._connected.set()
                     delays = backoff_delays(base_s=0.5, cap_s=30.0)
-                    self._log.info("connected", broker=f"{self.config.broker.host}:{self.config.broker.port}")
+                    self._log.info(
+                        "connected", broker=f"{self.config.broker.host}:{self.config.broker.port}"
+                    )
                     self._status_dirty.set()
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive_jobs(client), name="job-receiver")
@@ -266,11 +272,16 @@ class Agent:
             if self.gate.is_open and not self._stopping and free > 0:
                 self._request_id += 1
                 request = WorkRequest(
-                    vehicle_id=self.vehicle_id, request_id=self._request_id, capacity=free,
-                    models=held, sent_at=self._clock(),
+                    vehicle_id=self.vehicle_id,
+                    request_id=self._request_id,
+                    capacity=free,
+                    models=held,
+                    sent_at=self._clock(),
                 )
                 self._outstanding += free
-                await client.publish(topic(self.vehicle_id, Channel.WORK), dump_model(request), qos=1)
+                await client.publish(
+                    topic(self.vehicle_id, Channel.WORK), dump_model(request), qos=1
+                )
             try:
                 async with asyncio.timeout(interval):
                     await self._wake_requester.wait()
@@ -296,7 +307,9 @@ class Agent:
                 trusted=self._trusted,
                 max_bytes=self.config.agent.max_message_bytes,
             )
-            job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
+            job = parse_model(
+                verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
+            )
             ctx = AdmissionContext(
                 vehicle_id=self.vehicle_id,
                 now=self._clock(),
@@ -311,7 +324,9 @@ class Agent:
             return
         self._seen.add((job.job_id, job.attempt))
         if not self.gate.is_open or self._stopping:
-            await self._event(job, EventKind.RELEASED, Reason.GATE_CLOSED.value, "vehicle not eligible now")
+            await self._event(
+                job, EventKind.RELEASED, Reason.GATE_CLOSED.value, "vehicle not eligible now"
+            )
         elif self._queue.full():
             await self._event(job, EventKind.RELEASED, Reason.BUSY.value, "no free slot")
         else:
@@ -339,8 +354,12 @@ class Agent:
                 if not run.done():
                     run.cancel()
             if run.cancelled():
-                await self._event_soon(item.job, EventKind.PREEMPTED, self._preempt_reason,
-                                       "compute stopped; job handed back")
+                await self._event_soon(
+                    item.job,
+                    EventKind.PREEMPTED,
+                    self._preempt_reason,
+                    "compute stopped; job handed back",
+                )
             self._wake_requester.set()
 
     async def _run_job(self, item: AcceptedJob) -> None:
@@ -353,8 +372,12 @@ class Agent:
                     item.model, lambda: self._store.read_verified(item.model), job.inputs
                 )
         except TimeoutError:
-            await self._event_soon(job, EventKind.FAILED, Reason.DEADLINE.value,
-                                   f"ran past max_runtime_s={job.limits.max_runtime_s}")
+            await self._event_soon(
+                job,
+                EventKind.FAILED,
+                Reason.DEADLINE.value,
+                f"ran past max_runtime_s={job.limits.max_runtime_s}",
+            )
             return
         except WireError as err:
             await self._event_soon(job, EventKind.FAILED, err.reason.value, err.detail)
@@ -367,15 +390,23 @@ class Agent:
     def _seal(self, item: AcceptedJob, outputs: dict[str, Tensor], runtime_ms: float) -> bytes:
         job = item.job
         body = ResultBody(
-            job_id=job.job_id, attempt=job.attempt, vehicle_id=self.vehicle_id,
-            model_sha256=item.model.sha256, outputs=outputs,
-            runtime_ms=runtime_ms, finished_at=self._clock(),
+            job_id=job.job_id,
+            attempt=job.attempt,
+            vehicle_id=self.vehicle_id,
+            model_sha256=item.model.sha256,
+            outputs=outputs,
+            runtime_ms=runtime_ms,
+            finished_at=self._clock(),
         )
         info = result_info(job.job_id, job.attempt, self.vehicle_id, item.digest)
         ciphertext = seal(dump_model(body), x25519_public(job.requester_key), info)
         sealed = SealedResult(
-            job_id=job.job_id, attempt=job.attempt, vehicle_id=self.vehicle_id,
-            job_digest=item.digest, suite=SUITE, ciphertext=ciphertext,
+            job_id=job.job_id,
+            attempt=job.attempt,
+            vehicle_id=self.vehicle_id,
+            job_digest=item.digest,
+            suite=SUITE,
+            ciphertext=ciphertext,
         )
         return envelope.sign(envelope.RESULT_TYPE, dump_model(sealed), self._key)
 
@@ -391,10 +422,11 @@ class Agent:
                 continue
             try:
                 await client.publish(topic_name, payload, qos=1)
-                return
             except aiomqtt.MqttError as exc:
                 self._log.warning("publish_retry", topic=topic_name, reason=str(exc))
                 await asyncio.sleep(0.2)
+            else:
+                return
 
     async def _event(
         self, job: JobSpec | None, kind: EventKind, reason: str | None = None, detail: str = ""
@@ -406,8 +438,12 @@ class Agent:
         level = "warning" if kind in (EventKind.REJECTED, EventKind.FAILED) else "info"
         getattr(self._log, level)(f"job_{kind.value}", reason=reason, detail=detail or None, **ids)
         event = JobEvent(
-            vehicle_id=self.vehicle_id, kind=kind, reason=reason, detail=detail[:500],
-            at=self._clock(), **ids,  # type: ignore[arg-type]
+            vehicle_id=self.vehicle_id,
+            kind=kind,
+            reason=reason,
+            detail=detail[:500],
+            at=self._clock(),
+            **ids,  # type: ignore[arg-type]
         )
         await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
 

@@ -1,17 +1,17 @@
 """`edge-fleet`: the fleet side's command line.
 
-    edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
-    edge-fleet broker [--port P]          a local Mosquitto for trying things out
-    edge-fleet keygen --job-key PATH --trusted-out PATH
-                                          a job-signing key and the trusted-keys file for vehicles
-    edge-fleet keygen --requester-key PATH
-                                          a requester's X25519 key for receiving results
-    edge-fleet register --registry PATH --vehicle-id ID --public-key B64
-                                          record a vehicle's result-signing key
-    edge-fleet submit --queue DB --requester-key PATH [--count N]
-                                          queue digit jobs from the shipped held-out set
-    edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH [--host H --port P]
-                                          the dispatcher and collector
+edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
+edge-fleet broker [--port P]          a local Mosquitto for trying things out
+edge-fleet keygen --job-key PATH --trusted-out PATH
+                                      a job-signing key and the trusted-keys file for vehicles
+edge-fleet keygen --requester-key PATH
+                                      a requester's X25519 key for receiving results
+edge-fleet register --registry PATH --vehicle-id ID --public-key B64
+                                      record a vehicle's result-signing key
+edge-fleet submit --queue DB --requester-key PATH [--count N]
+                                      queue digit jobs from the shipped held-out set
+edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH [--host H --port P]
+                                      the dispatcher and collector
 """
 
 from __future__ import annotations
@@ -83,13 +83,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _keygen(args: argparse.Namespace) -> int:
     if args.job_key is None and args.requester_key is None:
-        print("say --job-key PATH (with --trusted-out PATH) or --requester-key PATH", file=sys.stderr)
+        print(
+            "say --job-key PATH (with --trusted-out PATH) or --requester-key PATH", file=sys.stderr
+        )
         return ExitCode.USAGE
     try:
         if args.job_key is not None:
             if args.trusted_out is None:
-                print("--job-key needs --trusted-out PATH for the vehicles' trusted keys file",
-                      file=sys.stderr)
+                print(
+                    "--job-key needs --trusted-out PATH for the vehicles' trusted keys file",
+                    file=sys.stderr,
+                )
                 return ExitCode.USAGE
             key = Ed25519PrivateKey.generate()
             write_private_key(args.job_key, key)
@@ -119,14 +123,20 @@ def _register(args: argparse.Namespace) -> int:
     entries: dict[str, VehicleKey] = {}
     if args.registry.exists():
         try:
-            current = parse_model(args.registry.read_bytes(), VehicleRegistryFile,
-                                  what="registry", reason=Reason.MALFORMED_PAYLOAD)
+            current = parse_model(
+                args.registry.read_bytes(),
+                VehicleRegistryFile,
+                what="registry",
+                reason=Reason.MALFORMED_PAYLOAD,
+            )
         except WireError as exc:
             print(f"{args.registry}: {exc.detail}", file=sys.stderr)
             return ExitCode.CONFIG
         entries = {v.vehicle_id: v for v in current.vehicles}
     entries[args.vehicle_id] = VehicleKey(vehicle_id=args.vehicle_id, public_key=raw)
-    args.registry.write_bytes(dump_model(VehicleRegistryFile(version=1, vehicles=tuple(entries.values()))))
+    args.registry.write_bytes(
+        dump_model(VehicleRegistryFile(version=1, vehicles=tuple(entries.values())))
+    )
     print(f"registered {args.vehicle_id} in {args.registry}")
     return ExitCode.OK
 
@@ -146,11 +156,17 @@ def _submit(args: argparse.Namespace) -> int:
     model = ModelRef(name="digits", sha256=digits["sha256"], size=digits["size"])
     for i in range(args.count):
         row = x[i % len(x) : i % len(x) + 1]
-        queue.submit(JobTemplate(
-            job_class="digits-eval", model=model, inputs={"X": Tensor.from_numpy(row)},
-            limits=Limits(max_runtime_s=10), requester_key=raw_public(requester.public_key()),
-            lifetime_s=3600,
-        ), now=time.time())
+        queue.submit(
+            JobTemplate(
+                job_class="digits-eval",
+                model=model,
+                inputs={"X": Tensor.from_numpy(row)},
+                limits=Limits(max_runtime_s=10),
+                requester_key=raw_public(requester.public_key()),
+                lifetime_s=3600,
+            ),
+            now=time.time(),
+        )
     print(f"queued {args.count} jobs in {args.queue}: {queue.counts()}")
     queue.close()
     return ExitCode.OK
@@ -161,28 +177,46 @@ async def _serve(args: argparse.Namespace) -> int:
     from broker.fleet import FleetNode
     from broker.queue import JobQueue
 
-    registry = parse_model(args.registry.read_bytes(), VehicleRegistryFile, what="registry",
-                           reason=Reason.MALFORMED_PAYLOAD)
+    registry = parse_model(
+        args.registry.read_bytes(),
+        VehicleRegistryFile,
+        what="registry",
+        reason=Reason.MALFORMED_PAYLOAD,
+    )
     queue = JobQueue(args.queue)
     collector = Collector(
         vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
         requester_key=load_requester_key(args.requester_key),
         digest_for=queue.assignment_digest,
     )
-    node = FleetNode(host=args.host, port=args.port, queue=queue,
-                     signing_key=load_signing_key(args.job_key), collector=collector)
+    node = FleetNode(
+        host=args.host,
+        port=args.port,
+        queue=queue,
+        signing_key=load_signing_key(args.job_key),
+        collector=collector,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     task = asyncio.create_task(node.run(), name="fleet-node")
-    await asyncio.wait({task, asyncio.create_task(stop.wait(), name="stop")},
-                       return_when=asyncio.FIRST_COMPLETED)
+    await asyncio.wait(
+        {task, asyncio.create_task(stop.wait(), name="stop")}, return_when=asyncio.FIRST_COMPLETED
+    )
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task
-    print(json.dumps({"queue": queue.counts(), "results": len(collector.results),
-                      "duplicates": collector.duplicates, "rejected": collector.rejected}))
+    print(
+        json.dumps(
+            {
+                "queue": queue.counts(),
+                "results": len(collector.results),
+                "duplicates": collector.duplicates,
+                "rejected": collector.rejected,
+            }
+        )
+    )
     return ExitCode.OK
 
 

@@ -83,7 +83,9 @@ class Collector:
         plaintext = open_sealed(sealed.ciphertext, self._requester, info)
         body = parse_model(plaintext, ResultBody, what="result", reason=Reason.MALFORMED_PAYLOAD)
         if (body.job_id, body.attempt, body.vehicle_id) != (
-            sealed.job_id, sealed.attempt, vehicle_id
+            sealed.job_id,
+            sealed.attempt,
+            vehicle_id,
         ):
             raise WireError(Reason.UNKNOWN_JOB, "sealed body does not match its header")
         if body.job_id in self.results:

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -62,7 +63,7 @@ consent_date = 2026-11-01
 
 [vehicle]
 id = "{v.vehicle_id}"
-scenario = "{SCENARIOS / (v.scenario + '.toml')}"
+scenario = "{SCENARIOS / (v.scenario + ".toml")}"
 
 [limits]
 max_compute_temp_c = 85.0
@@ -87,7 +88,22 @@ work_request_interval_s = 0.5
     return path
 
 
-async def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]:
+async def _serve_until_done(
+    node: FleetNode, collector: Collector, jobs: int, timeout_s: float
+) -> None:
+    fleet_task = asyncio.create_task(node.run(), name="fleet-node")
+    deadline = time.monotonic() + timeout_s
+    while len(collector.results) < jobs and time.monotonic() < deadline:
+        if fleet_task.done():
+            fleet_task.result()
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)  # let the last events arrive before the books close
+    fleet_task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await fleet_task
+
+
+def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]:
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -114,45 +130,48 @@ async def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, o
             d.mkdir()
             subprocess.run(
                 [sys.executable, "-m", "agent.cli", "keygen", "--out", str(d / "vehicle.key")],
-                check=True, stdout=subprocess.DEVNULL,
+                check=True,
+                stdout=subprocess.DEVNULL,
             )
             vehicle_keys[v.vehicle_id] = load_signing_key(d / "vehicle.key").public_key()
             (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
             config = _vehicle_config(d, v, broker.port)
             log = (d / "agent.log").open("wb")
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT,
-            ))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             log.close()
 
         queue = JobQueue(workdir / "fleet" / "queue.db", lease_s=20.0)
         collector = Collector(
             vehicles=vehicle_keys, requester_key=requester, digest_for=queue.assignment_digest
         )
-        node = FleetNode(host=broker.host, port=broker.port, queue=queue, signing_key=job_key,
-                         collector=collector)
+        node = FleetNode(
+            host=broker.host,
+            port=broker.port,
+            queue=queue,
+            signing_key=job_key,
+            collector=collector,
+        )
         model = ModelRef(name="digits", sha256=digits["sha256"], size=digits["size"])
         labels: dict[str, int] = {}
         for i in range(jobs):
             template = JobTemplate(
-                job_class="digits-eval", model=model,
-                inputs={"X": Tensor.from_numpy(x[i : i + 1])}, limits=Limits(max_runtime_s=10),
-                requester_key=raw_public(requester.public_key()), lifetime_s=300,
+                job_class="digits-eval",
+                model=model,
+                inputs={"X": Tensor.from_numpy(x[i : i + 1])},
+                limits=Limits(max_runtime_s=10),
+                requester_key=raw_public(requester.public_key()),
+                lifetime_s=300,
             )
             labels[queue.submit(template, now=time.time(), job_id=f"digit-{i:04d}")] = int(y[i])
         print(f"submitted {jobs} jobs; 3 vehicles starting")
 
-        fleet_task = asyncio.create_task(node.run(), name="fleet-node")
-        deadline = time.monotonic() + timeout_s
-        while len(collector.results) < jobs and time.monotonic() < deadline:
-            if fleet_task.done():
-                fleet_task.result()
-            await asyncio.sleep(0.1)
-        await asyncio.sleep(0.5)  # let the last events arrive before the books close
-        fleet_task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await fleet_task
+        asyncio.run(_serve_until_done(node, collector, jobs, timeout_s))
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -175,7 +194,7 @@ async def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, o
         int(c.body.outputs["label"].to_numpy()[0]) == labels[job_id]
         for job_id, c in collector.results.items()
     )
-    per_vehicle = {}
+    per_vehicle: dict[str, dict[str, Any]] = {}
     for v in VEHICLES:
         ran = [c for c in collector.results.values() if c.vehicle_id == v.vehicle_id]
         per_vehicle[v.vehicle_id] = {
@@ -185,11 +204,14 @@ async def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, o
             "jobs_received": queue.assignments_by_vehicle().get(v.vehicle_id, 0),
             "jobs_run": node.events[v.vehicle_id]["running"],
             "results_verified": len(ran),
-            "gate_reasons": list(node.status[v.vehicle_id].reasons) if v.vehicle_id in node.status else None,
+            "gate_reasons": list(node.status[v.vehicle_id].reasons)
+            if v.vehicle_id in node.status
+            else None,
         }
     ineligible_ran = sum(
         r["jobs_run"] + r["results_verified"] + r["jobs_received"]
-        for r in per_vehicle.values() if not r["eligible"]
+        for r in per_vehicle.values()
+        if not r["eligible"]
     )
     verified = len(collector.results)
     report: dict[str, object] = {
@@ -217,22 +239,31 @@ def print_report(report: dict[str, object]) -> None:
     print("\n" + head + "\n" + "-" * (len(head) + 20))
     for vid, r in per_vehicle.items():
         reasons = ",".join(r["gate_reasons"] or []) or "open"
-        print(f"{vid:<13}{r['scenario']:<17}{r['work_requests']:>9}{r['jobs_received']:>9}"
-              f"{r['jobs_run']:>6}{r['results_verified']:>9}  {reasons}")
+        print(
+            f"{vid:<13}{r['scenario']:<17}{r['work_requests']:>9}{r['jobs_received']:>9}"
+            f"{r['jobs_run']:>6}{r['results_verified']:>9}  {reasons}"
+        )
     print(
         f"\njobs submitted {report['jobs_submitted']}, results verified and decrypted "
         f"{report['results_verified_and_decrypted']}, duplicates suppressed "
         f"{report['duplicates_suppressed']}"
     )
-    print(f"accuracy of decrypted predictions vs labels: {report['accuracy']} "
-          f"(model's reference on the whole held-out set: {report['reference_accuracy']}); "
-          f"agreement with onnxruntime run locally: {report['agreement_with_local_onnxruntime']}")
+    print(
+        f"accuracy of decrypted predictions vs labels: {report['accuracy']} "
+        f"(model's reference on the whole held-out set: {report['reference_accuracy']}); "
+        f"agreement with onnxruntime run locally: {report['agreement_with_local_onnxruntime']}"
+    )
     print(f"wall time {report['wall_seconds']} s; {'OK' if report['ok'] else 'FAILED'}")
 
 
-def main(*, jobs: int = 300, out: Path = Path("demo-report.json"),
-         workdir: Path = Path("demo-run"), timeout_s: float = 40.0) -> int:
-    report = asyncio.run(run_demo(workdir, jobs=jobs, timeout_s=timeout_s))
+def main(
+    *,
+    jobs: int = 300,
+    out: Path = Path("demo-report.json"),
+    workdir: Path = Path("demo-run"),
+    timeout_s: float = 40.0,
+) -> int:
+    report = run_demo(workdir, jobs=jobs, timeout_s=timeout_s)
     print_report(report)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report written to {out}")

@@ -64,8 +64,11 @@ class FleetNode:
 
     async def run(self) -> None:
         async with aiomqtt.Client(
-            self.host, self.port, identifier=f"fleet-{self._issuer}",
-            protocol=aiomqtt.ProtocolVersion.V5, max_queued_incoming_messages=10_000,
+            self.host,
+            self.port,
+            identifier=f"fleet-{self._issuer}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            max_queued_incoming_messages=10_000,
         ) as client:
             for channel in (Channel.WORK, Channel.EVENTS, Channel.STATUS, Channel.RESULTS):
                 await client.subscribe(all_vehicles(channel), qos=1)
@@ -89,28 +92,42 @@ class FleetNode:
                 continue
             vehicle_id, channel = where
             try:
-                if len(payload) > MAX_MESSAGE_BYTES and channel is not Channel.RESULTS:
-                    raise WireError(Reason.OVERSIZED, f"{len(payload)} bytes on {channel}")
-                if channel is Channel.WORK:
-                    await self._on_work(client, vehicle_id, payload)
-                elif channel is Channel.EVENTS:
-                    self._on_event(vehicle_id, payload)
-                elif channel is Channel.STATUS:
-                    self._on_status(vehicle_id, payload)
-                elif channel is Channel.RESULTS:
-                    self._on_result_message(vehicle_id, payload)
+                await self._dispatch(client, vehicle_id, channel, payload)
             except WireError as err:
                 self.refused[f"{channel.value}:{err.reason.value}"] += 1
-                self._log.warning("message_refused", vehicle_id=vehicle_id, channel=channel.value,
-                                  reason=err.reason.value, detail=err.detail)
+                self._log.warning(
+                    "message_refused",
+                    vehicle_id=vehicle_id,
+                    channel=channel.value,
+                    reason=err.reason.value,
+                    detail=err.detail,
+                )
+
+    async def _dispatch(
+        self, client: aiomqtt.Client, vehicle_id: str, channel: Channel, payload: bytes
+    ) -> None:
+        if len(payload) > MAX_MESSAGE_BYTES and channel is not Channel.RESULTS:
+            raise WireError(Reason.OVERSIZED, f"{len(payload)} bytes on {channel}")
+        if channel is Channel.WORK:
+            await self._on_work(client, vehicle_id, payload)
+        elif channel is Channel.EVENTS:
+            self._on_event(vehicle_id, payload)
+        elif channel is Channel.STATUS:
+            self._on_status(vehicle_id, payload)
+        elif channel is Channel.RESULTS:
+            self._on_result_message(vehicle_id, payload)
 
     async def _on_work(self, client: aiomqtt.Client, vehicle_id: str, raw: bytes) -> None:
-        request = parse_model(raw, WorkRequest, what="work request", reason=Reason.MALFORMED_PAYLOAD)
+        request = parse_model(
+            raw, WorkRequest, what="work request", reason=Reason.MALFORMED_PAYLOAD
+        )
         if request.vehicle_id != vehicle_id:
             raise WireError(Reason.WRONG_VEHICLE, f"request names {request.vehicle_id}")
         self.work_requests[vehicle_id] += 1
         now = self._clock()
-        leases = self.queue.lease(vehicle_id, request.capacity, {m.sha256 for m in request.models}, now)
+        leases = self.queue.lease(
+            vehicle_id, request.capacity, {m.sha256 for m in request.models}, now
+        )
         for lease in leases:
             signed, digest = self.sign_job(lease, vehicle_id, now)
             self.queue.record_assignment(lease.job_id, lease.attempt, vehicle_id, digest, now)
@@ -121,13 +138,23 @@ class FleetNode:
     def sign_job(self, lease: Lease, vehicle_id: str, now: float) -> tuple[bytes, str]:
         t = lease.template
         spec = JobSpec(
-            job_id=lease.job_id, attempt=lease.attempt, issuer=self._issuer, issued_at=now,
-            expires_at=now + t.lifetime_s, vehicle_id=vehicle_id, job_class=t.job_class,
-            model=t.model, inputs=t.inputs, limits=t.limits, requester_key=t.requester_key,
+            job_id=lease.job_id,
+            attempt=lease.attempt,
+            issuer=self._issuer,
+            issued_at=now,
+            expires_at=now + t.lifetime_s,
+            vehicle_id=vehicle_id,
+            job_class=t.job_class,
+            model=t.model,
+            inputs=t.inputs,
+            limits=t.limits,
+            requester_key=t.requester_key,
         )
         payload = dump_model(spec)
-        return (envelope.sign(envelope.JOB_TYPE, payload, self._key),
-                envelope.digest_of(envelope.JOB_TYPE, payload))
+        return (
+            envelope.sign(envelope.JOB_TYPE, payload, self._key),
+            envelope.digest_of(envelope.JOB_TYPE, payload),
+        )
 
     def _on_event(self, vehicle_id: str, raw: bytes) -> None:
         event = parse_model(raw, JobEvent, what="job event", reason=Reason.MALFORMED_PAYLOAD)
@@ -137,7 +164,10 @@ class FleetNode:
         self.event_log.append(event)
         if event.kind in _HAND_BACK and event.job_id is not None and event.attempt is not None:
             self.queue.hand_back(
-                event.job_id, event.attempt, vehicle_id, event.reason or event.kind.value,
+                event.job_id,
+                event.attempt,
+                vehicle_id,
+                event.reason or event.kind.value,
                 self._clock(),
             )
 

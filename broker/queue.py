@@ -140,16 +140,22 @@ class JobQueue:
                 self._db.execute(
                     "UPDATE jobs SET state = ?, vehicle_id = NULL, lease_expires = NULL, "
                     "last_reason = ?, finished_at = ? WHERE job_id = ?",
-                    ("failed" if out_of_attempts else "queued", reason,
-                     now if out_of_attempts else None, job_id),
+                    (
+                        "failed" if out_of_attempts else "queued",
+                        reason,
+                        now if out_of_attempts else None,
+                        job_id,
+                    ),
                 )
             return len(rows)
 
     def hand_back(self, job_id: str, attempt: int, vehicle_id: str, reason: str, now: float) -> int:
         """The vehicle released, was preempted on, rejected or failed this attempt."""
         return self._end_lease(
-            "job_id = ? AND attempts = ? AND vehicle_id = ?", (job_id, attempt, vehicle_id),
-            reason, now,
+            "job_id = ? AND attempts = ? AND vehicle_id = ?",
+            (job_id, attempt, vehicle_id),
+            reason,
+            now,
         )
 
     def vehicle_offline(self, vehicle_id: str, now: float) -> int:
@@ -169,13 +175,13 @@ class JobQueue:
 
     def counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
-        return {state: n for state, n in rows}
+        return dict(rows)
 
     def assignments_by_vehicle(self) -> dict[str, int]:
         rows = self._db.execute(
             "SELECT vehicle_id, COUNT(*) FROM assignments GROUP BY vehicle_id"
         ).fetchall()
-        return {v: n for v, n in rows}
+        return dict(rows)
 
     def state_of(self, job_id: str) -> tuple[str, int, str | None]:
         row = self._db.execute(

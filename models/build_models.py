@@ -55,7 +55,7 @@ def build_digits() -> dict[str, object]:
         **_digest(model_path),
         "inputs": {"X": {"dtype": "float32", "shape": [None, 64]}},
         "outputs": ["label", "probabilities"],
-        "holdout": {**_digest(holdout), "samples": int(len(y_test))},
+        "holdout": {**_digest(holdout), "samples": len(y_test)},
         "holdout_accuracy": round(accuracy, 4),
     }
 

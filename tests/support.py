@@ -80,7 +80,7 @@ opted_in = {str(opted_in).lower()}
 {consent}
 [vehicle]
 id = "{vehicle_id}"
-scenario = "{SCENARIOS / (scenario + '.toml')}"
+scenario = "{SCENARIOS / (scenario + ".toml")}"
 
 [limits]
 max_compute_temp_c = 85.0
@@ -144,10 +144,17 @@ def job_spec(
     if x is None:
         x = holdout()[0][:1]
     fields: dict[str, object] = dict(
-        job_id=job_id, attempt=1, issuer=fleet.issuer, issued_at=now, expires_at=now + lifetime_s,
-        vehicle_id=vehicle_id, job_class="digits-eval", model=model,
+        job_id=job_id,
+        attempt=1,
+        issuer=fleet.issuer,
+        issued_at=now,
+        expires_at=now + lifetime_s,
+        vehicle_id=vehicle_id,
+        job_class="digits-eval",
+        model=model,
         inputs={"X": Tensor.from_numpy(np.asarray(x, dtype=np.float32))},
-        limits=Limits(max_runtime_s=10.0), requester_key=raw_public(fleet.requester.public_key()),
+        limits=Limits(max_runtime_s=10.0),
+        requester_key=raw_public(fleet.requester.public_key()),
     )
     fields.update(overrides)
     return JobSpec(**fields)  # type: ignore[arg-type]

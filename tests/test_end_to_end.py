@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -14,7 +12,16 @@ from agent.wire.errors import Reason
 from agent.wire.keys import KeyRing
 from agent.wire.messages import ResultBody, SealedResult
 from agent.wire.sealing import open_sealed, result_info
-from tests.support import MODELS, holdout, job_spec, observing, running_agent, signed, wait_for, write_vehicle
+from tests.support import (
+    MODELS,
+    holdout,
+    job_spec,
+    observing,
+    running_agent,
+    signed,
+    wait_for,
+    write_vehicle,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -31,17 +38,27 @@ async def test_job_runs_and_result_decrypts_to_local_prediction(mosquitto, fleet
         await wait_for(lambda: "succeeded" in obs.kinds(), what="succeeded event")
 
     verified = envelope.verify(
-        obs.results[0], payload_type=envelope.RESULT_TYPE,
-        trusted=KeyRing.of(files.key.public_key()), max_bytes=1 << 20,
+        obs.results[0],
+        payload_type=envelope.RESULT_TYPE,
+        trusted=KeyRing.of(files.key.public_key()),
+        max_bytes=1 << 20,
     )
     sealed = parse_model(verified.payload, SealedResult, what="r", reason=Reason.MALFORMED_PAYLOAD)
-    digest = envelope.digest_of(envelope.JOB_TYPE, envelope.verify(
-        raw_job, payload_type=envelope.JOB_TYPE, trusted=KeyRing.of(fleet.job_key.public_key()),
-        max_bytes=1 << 20).payload)
+    digest = envelope.digest_of(
+        envelope.JOB_TYPE,
+        envelope.verify(
+            raw_job,
+            payload_type=envelope.JOB_TYPE,
+            trusted=KeyRing.of(fleet.job_key.public_key()),
+            max_bytes=1 << 20,
+        ).payload,
+    )
     assert sealed.job_digest == digest
     body = parse_model(
         open_sealed(sealed.ciphertext, fleet.requester, result_info("job-1", 1, "veh-e2e", digest)),
-        ResultBody, what="b", reason=Reason.MALFORMED_PAYLOAD,
+        ResultBody,
+        what="b",
+        reason=Reason.MALFORMED_PAYLOAD,
     )
     local = ort.InferenceSession(str(MODELS / "digits.onnx")).run(None, {"X": x})
     assert body.outputs["label"].to_numpy().tolist() == local[0].tolist()

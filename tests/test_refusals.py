@@ -132,7 +132,9 @@ CASES = [
 
 
 @pytest.mark.parametrize(("make", "reason"), CASES, ids=[c[0].__name__.strip("_") for c in CASES])
-async def test_bad_job_is_rejected_and_agent_keeps_serving(mosquitto, fleet, tmp_path, make, reason):
+async def test_bad_job_is_rejected_and_agent_keeps_serving(
+    mosquitto, fleet, tmp_path, make, reason
+):
     """Each bad job yields one rejected event with its reason, no run, and the next honest job runs."""
     files = write_vehicle(tmp_path, VID, port=mosquitto.port, fleet=fleet)
     async with observing(mosquitto.port, VID) as obs, running_agent(files) as agent:

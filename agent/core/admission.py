@@ -55,9 +55,7 @@ def admit(job: JobSpec, signed_by: str, ctx: AdmissionContext) -> HeldModel:
             Reason.WRONG_VEHICLE, f"job is bound to {job.vehicle_id}, this is {ctx.vehicle_id}"
         )
     if ctx.now >= job.expires_at:
-        raise WireError(
-            Reason.EXPIRED, f"job expired {ctx.now - job.expires_at:.1f} s ago"
-        )
+        raise WireError(Reason.EXPIRED, f"job expired {ctx.now - job.expires_at:.1f} s ago")
     if job.issued_at > ctx.now + ctx.max_clock_skew_s:
         raise WireError(
             Reason.NOT_YET_VALID,

@@ -7,7 +7,11 @@ from collections.abc import Iterator
 
 
 def backoff_delays(
-    *, base_s: float = 0.5, factor: float = 2.0, cap_s: float = 60.0, rng: random.Random | None = None
+    *,
+    base_s: float = 0.5,
+    factor: float = 2.0,
+    cap_s: float = 60.0,
+    rng: random.Random | None = None,
 ) -> Iterator[float]:
     """Yield delays uniform in [0, min(cap, base * factor**attempt)], forever.
 

@@ -75,9 +75,7 @@ class Gate:
                 self._closed_at = snap.at
             now_open = False
         elif (
-            not self._open
-            and self._closed_at is not None
-            and snap.at - self._closed_at < p.hold_s
+            not self._open and self._closed_at is not None and snap.at - self._closed_at < p.hold_s
         ):
             reasons.append(GateReason.HOLDING)
             now_open = False

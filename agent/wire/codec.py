@@ -72,7 +72,7 @@ def _b64decode(value: object) -> bytes:
     if isinstance(value, bytes):
         return value
     if not isinstance(value, str):
-        raise ValueError("expected a base64 string")
+        raise ValueError("expected a base64 string")  # noqa: TRY004 - pydantic reports ValueError
     try:
         return base64.b64decode(value.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError):

@@ -9,7 +9,7 @@ plaintext `ResultBody` encrypted in it). Plain messages: `WorkRequest`,
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field, model_validator
 
@@ -115,7 +115,7 @@ class VehicleStatus(WireModel):
     at: float = Field(ge=0, allow_inf_nan=False)
 
 
-SUITE = "X25519-HKDF-SHA256-ChaCha20Poly1305"
+SUITE: Final = "X25519-HKDF-SHA256-ChaCha20Poly1305"
 
 
 class SealedResult(WireModel):

@@ -21,7 +21,13 @@ _LABEL = b"edge-fleet result v1"
 
 def result_info(job_id: str, attempt: int, vehicle_id: str, job_digest: str) -> bytes:
     """Length-prefixed binding of the result to one signed job on one vehicle."""
-    parts = [_LABEL, job_id.encode(), str(attempt).encode(), vehicle_id.encode(), job_digest.encode()]
+    parts = [
+        _LABEL,
+        job_id.encode(),
+        str(attempt).encode(),
+        vehicle_id.encode(),
+        job_digest.encode(),
+    ]
     return b"".join(b"%d:%b;" % (len(p), p) for p in parts)
 
 

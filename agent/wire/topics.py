@@ -1,10 +1,10 @@
 """The topic tree, v1: one subtree per vehicle so that an ACL can confine a vehicle to its own.
 
-    fleet/v1/vehicles/{vehicle_id}/work      vehicle -> dispatcher   WorkRequest
-    fleet/v1/vehicles/{vehicle_id}/jobs      dispatcher -> vehicle   signed job envelope
-    fleet/v1/vehicles/{vehicle_id}/events    vehicle -> fleet        JobEvent
-    fleet/v1/vehicles/{vehicle_id}/results   vehicle -> collector    signed sealed result
-    fleet/v1/vehicles/{vehicle_id}/status    vehicle -> fleet        VehicleStatus (retained, Last Will)
+fleet/v1/vehicles/{vehicle_id}/work      vehicle -> dispatcher   WorkRequest
+fleet/v1/vehicles/{vehicle_id}/jobs      dispatcher -> vehicle   signed job envelope
+fleet/v1/vehicles/{vehicle_id}/events    vehicle -> fleet        JobEvent
+fleet/v1/vehicles/{vehicle_id}/results   vehicle -> collector    signed sealed result
+fleet/v1/vehicles/{vehicle_id}/status    vehicle -> fleet        VehicleStatus (retained, Last Will)
 """
 
 from __future__ import annotations

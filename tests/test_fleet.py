@@ -1,0 +1,233 @@
+"""The fleet side: the leased job queue, the collector's checks, and dispatch through the real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from agent.wire import envelope
+from agent.wire.codec import dump_model
+from agent.wire.errors import Reason, WireError
+from agent.wire.keys import raw_public
+from agent.wire.messages import SUITE, Limits, ResultBody, SealedResult
+from agent.wire.sealing import result_info, seal
+from agent.wire.tensors import Tensor
+from broker.collector import Collector
+from broker.fleet import FleetNode
+from broker.queue import JobQueue, JobTemplate
+from tests.support import DIGITS_REF, holdout, running_agent, wait_for, write_vehicle
+
+
+def template(requester: X25519PrivateKey, row: int = 0) -> JobTemplate:
+    x = holdout()[0][row : row + 1]
+    return JobTemplate(
+        job_class="digits-eval",
+        model=DIGITS_REF,
+        inputs={"X": Tensor.from_numpy(x)},
+        limits=Limits(max_runtime_s=10),
+        requester_key=raw_public(requester.public_key()),
+        lifetime_s=60,
+    )
+
+
+@pytest.fixture
+def queue(tmp_path):
+    q = JobQueue(tmp_path / "q.db", lease_s=10, max_attempts=2)
+    yield q
+    q.close()
+
+
+def test_queue_leases_oldest_first_only_for_held_models(queue):
+    """Leases go oldest first, up to capacity, and only for models the vehicle holds."""
+    req = X25519PrivateKey.generate()
+    ids = [queue.submit(template(req), now=float(i)) for i in range(3)]
+    assert queue.lease("v1", 5, {"0" * 64}, now=10) == []
+    leases = queue.lease("v1", 2, {DIGITS_REF.sha256}, now=10)
+    assert [(lease.job_id, lease.attempt) for lease in leases] == [(ids[0], 1), (ids[1], 1)]
+    assert queue.counts() == {"leased": 2, "queued": 1}
+
+
+def test_queue_requeues_on_hand_back_expiry_and_offline_then_fails_after_max_attempts(queue):
+    """A job comes back on release, lease expiry or vehicle offline, and fails after max_attempts."""
+    req = X25519PrivateKey.generate()
+    job = queue.submit(template(req), now=0)
+    queue.lease("v1", 1, {DIGITS_REF.sha256}, now=1)
+    assert queue.hand_back(job, 1, "v2", "released", now=2) == 0, "only the lessee may hand back"
+    assert queue.hand_back(job, 1, "v1", "gate_closed", now=2) == 1
+    assert queue.state_of(job) == ("queued", 1, "gate_closed")
+    queue.lease("v1", 1, {DIGITS_REF.sha256}, now=3)
+    assert queue.expire_leases(now=12) == 0
+    assert queue.expire_leases(now=14) == 1
+    assert queue.state_of(job) == ("failed", 2, "lease_expired")
+
+
+def test_queue_vehicle_offline_returns_its_jobs(queue):
+    """When a vehicle goes offline, its leased jobs return to the queue."""
+    req = X25519PrivateKey.generate()
+    job = queue.submit(template(req), now=0)
+    queue.lease("v1", 1, {DIGITS_REF.sha256}, now=1)
+    assert queue.vehicle_offline("v1", now=2) == 1
+    assert queue.state_of(job)[0] == "queued"
+
+
+def test_complete_is_idempotent(queue):
+    """The first result completes a job; a second one reports it was already done."""
+    job = queue.submit(template(X25519PrivateKey.generate()), now=0)
+    assert queue.complete(job, now=1) is True
+    assert queue.complete(job, now=2) is False
+
+
+class _Sent:
+    """One result as a vehicle would produce it, for tampering."""
+
+    def __init__(self) -> None:
+        self.vehicle = Ed25519PrivateKey.generate()
+        self.requester = X25519PrivateKey.generate()
+        self.digest = "d" * 64
+        self.body = ResultBody(
+            job_id="job-1",
+            attempt=1,
+            vehicle_id="veh-1",
+            model_sha256=DIGITS_REF.sha256,
+            outputs={"label": Tensor.from_numpy(np.array([7]))},
+            runtime_ms=1.0,
+            finished_at=1.0,
+        )
+
+    def sealed(self, *, job_id: str = "job-1", body: bytes | None = None) -> SealedResult:
+        info = result_info(job_id, 1, "veh-1", self.digest)
+        ct = seal(body or dump_model(self.body), self.requester.public_key(), info)
+        return SealedResult(
+            job_id=job_id,
+            attempt=1,
+            vehicle_id="veh-1",
+            job_digest=self.digest,
+            suite=SUITE,
+            ciphertext=ct,
+        )
+
+    def raw(self, sealed: SealedResult, key: Ed25519PrivateKey | None = None) -> bytes:
+        return envelope.sign(envelope.RESULT_TYPE, dump_model(sealed), key or self.vehicle)
+
+    def collector(self) -> Collector:
+        sent = {("job-1", 1, "veh-1"): self.digest, ("job-2", 1, "veh-1"): "e" * 64}
+        return Collector(
+            vehicles={"veh-1": self.vehicle.public_key()},
+            requester_key=self.requester,
+            digest_for=lambda j, a, v: sent.get((j, a, v)),
+        )
+
+
+def test_collector_accepts_once_and_counts_duplicates():
+    """A good result is accepted and decrypted; the same result again is a counted duplicate."""
+    s = _Sent()
+    c = s.collector()
+    raw = s.raw(s.sealed())
+    got = c.accept("veh-1", raw)
+    assert not got.duplicate and got.body.outputs["label"].to_numpy().tolist() == [7]
+    assert c.accept("veh-1", raw).duplicate and c.duplicates == 1
+
+
+def _moved_to_other_job(s: _Sent) -> bytes:
+    sealed = json.loads(dump_model(s.sealed()))
+    sealed["job_id"] = "job-2"
+    return envelope.sign(envelope.RESULT_TYPE, json.dumps(sealed).encode(), s.vehicle)
+
+
+def _ciphertext_byte_flipped(s: _Sent) -> bytes:
+    sealed = json.loads(dump_model(s.sealed()))
+    ct = bytearray(base64.b64decode(sealed["ciphertext"]))
+    ct[40] ^= 1
+    sealed["ciphertext"] = base64.b64encode(bytes(ct)).decode()
+    return envelope.sign(envelope.RESULT_TYPE, json.dumps(sealed).encode(), s.vehicle)
+
+
+@pytest.mark.parametrize(
+    ("make", "topic_vehicle", "reason"),
+    [
+        (
+            lambda s: s.raw(s.sealed(), key=Ed25519PrivateKey.generate()),
+            "veh-1",
+            Reason.UNKNOWN_KEY,
+        ),
+        (lambda s: s.raw(s.sealed()), "veh-9", Reason.UNKNOWN_KEY),
+        (_moved_to_other_job, "veh-1", Reason.UNKNOWN_JOB),
+        (lambda s: s.raw(s.sealed(job_id="job-3")), "veh-1", Reason.UNKNOWN_JOB),
+        (_ciphertext_byte_flipped, "veh-1", Reason.BAD_CIPHERTEXT),
+        (
+            lambda s: envelope.sign(envelope.JOB_TYPE, dump_model(s.sealed()), s.vehicle),
+            "veh-1",
+            Reason.WRONG_PAYLOAD_TYPE,
+        ),
+    ],
+    ids=[
+        "not-signed-by-vehicle",
+        "unregistered-vehicle",
+        "moved-to-other-job",
+        "never-sent",
+        "ciphertext-flipped",
+        "wrong-type",
+    ],
+)
+def test_collector_refuses_tampered_results(make, topic_vehicle, reason):
+    """Results that are moved, altered, or not signed by the vehicle that ran them are refused."""
+    s = _Sent()
+    c = s.collector()
+    with pytest.raises(WireError) as err:
+        c.accept(topic_vehicle, make(s))
+    assert err.value.reason is reason
+    assert c.results == {}
+
+
+@pytest.mark.broker
+async def test_dispatch_to_three_vehicles_only_the_eligible_one_runs(mosquitto, fleet, tmp_path):
+    """Through the real broker: every job ends as one verified result, all from the eligible car."""
+    q = JobQueue(tmp_path / "fleet.db", lease_s=30)
+    files = {
+        vid: write_vehicle(tmp_path, vid, port=mosquitto.port, fleet=fleet, scenario=sc)
+        for vid, sc in (
+            ("ok-car", "parked-charging"),
+            ("drive-car", "driving"),
+            ("hot-car", "hot-parked"),
+        )
+    }
+    collector = Collector(
+        vehicles={vid: f.key.public_key() for vid, f in files.items()},
+        requester_key=fleet.requester,
+        digest_for=q.assignment_digest,
+    )
+    node = FleetNode(
+        host="127.0.0.1",
+        port=mosquitto.port,
+        queue=q,
+        signing_key=fleet.job_key,
+        collector=collector,
+        lease_tick_s=0.2,
+    )
+    ids = [q.submit(template(fleet.requester, row=i), now=float(i)) for i in range(40)]
+    node_task = asyncio.create_task(node.run(), name="fleet")
+    try:
+        await wait_for(lambda: node.ready.is_set(), what="fleet ready")
+        async with contextlib.AsyncExitStack() as stack:
+            for f in files.values():
+                await stack.enter_async_context(running_agent(f))
+            await wait_for(
+                lambda: len(collector.results) == len(ids), timeout=30, what="all results"
+            )
+    finally:
+        node_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await node_task
+    assert {c.vehicle_id for c in collector.results.values()} == {"ok-car"}
+    assert set(collector.results) == set(ids)
+    assert q.counts() == {"done": 40}
+    assert node.work_requests["drive-car"] == 0 and node.work_requests["hot-car"] == 0
+    assert q.assignments_by_vehicle() == {"ok-car": 40}
+    q.close()

@@ -1,0 +1,239 @@
+"""The wire contract: strict JSON, the signed envelope, tensors and HPKE sealing, without a broker."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.wire import envelope
+from agent.wire.codec import dump_model, parse_model
+from agent.wire.errors import Reason, WireError
+from agent.wire.keys import KeyRing
+from agent.wire.messages import JobSpec
+from agent.wire.sealing import open_sealed, result_info, seal
+from agent.wire.tensors import Tensor
+from agent.wire.topics import Channel, check_vehicle_id, parse_topic, topic
+from tests.support import FleetKeys, job_spec
+
+KEY = Ed25519PrivateKey.generate()
+RING = KeyRing.of(KEY.public_key())
+
+
+def _verify(raw: bytes, ring: KeyRing = RING) -> envelope.Verified:
+    return envelope.verify(raw, payload_type=envelope.JOB_TYPE, trusted=ring, max_bytes=1 << 20)
+
+
+def test_pae_matches_dsse_spec_example():
+    """PAE is DSSE's: 'DSSEv1 <len> <type> <len> <body>' with ASCII decimal lengths."""
+    assert envelope.pae("http://example.com/HelloWorld", b"hello world") == (
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
+
+
+def test_envelope_round_trip_returns_exact_payload_and_digest():
+    """A signed payload verifies and comes back byte for byte, with the digest of what was signed."""
+    payload = b'{"any": "bytes", "even":  "odd spacing"}'
+    verified = _verify(envelope.sign(envelope.JOB_TYPE, payload, KEY))
+    assert verified.payload == payload
+    assert verified.digest == envelope.digest_of(envelope.JOB_TYPE, payload)
+
+
+def test_payload_type_is_covered_by_the_signature():
+    """Relabelling a result envelope as a job breaks the signature."""
+    env = json.loads(envelope.sign(envelope.RESULT_TYPE, b"{}", KEY))
+    env["payloadType"] = envelope.JOB_TYPE
+    with pytest.raises(WireError) as err:
+        _verify(json.dumps(env).encode())
+    assert err.value.reason is Reason.BAD_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"", Reason.MALFORMED_ENVELOPE),
+        (b"[]", Reason.MALFORMED_ENVELOPE),
+        (
+            b'{"payloadType": "x", "payloadType": "y", "payload": "", "signatures": []}',
+            Reason.MALFORMED_ENVELOPE,
+        ),
+        (b'{"payloadType": NaN}', Reason.MALFORMED_ENVELOPE),
+        (
+            b'{"payloadType": "%s", "payload": "not base64!", "signatures": []}'
+            % envelope.JOB_TYPE.encode(),
+            Reason.MALFORMED_ENVELOPE,
+        ),
+        (
+            b'{"payloadType": "%s", "payload": "", "signatures": [], "extra": 1}'
+            % envelope.JOB_TYPE.encode(),
+            Reason.MALFORMED_ENVELOPE,
+        ),
+        (
+            b'{"payloadType": "%s", "payload": "", "signatures": []}' % envelope.JOB_TYPE.encode(),
+            Reason.UNSIGNED,
+        ),
+        (b"x" * (1 << 20 + 1), Reason.OVERSIZED),
+    ],
+    ids=[
+        "empty",
+        "array",
+        "duplicate-key",
+        "nan",
+        "bad-base64",
+        "unknown-field",
+        "unsigned",
+        "oversized",
+    ],
+)
+def test_malformed_envelopes_are_typed_errors(raw, reason):
+    """Every malformed envelope ends in a WireError with its specific reason."""
+    with pytest.raises(WireError) as err:
+        _verify(raw)
+    assert err.value.reason is reason
+    assert err.value.detail
+
+
+def test_unknown_key_and_bad_signature_are_told_apart():
+    """A key id nobody trusts is UNKNOWN_KEY; a trusted id with a wrong signature is BAD_SIGNATURE."""
+    other = Ed25519PrivateKey.generate()
+    raw = envelope.sign(envelope.JOB_TYPE, b"{}", other)
+    with pytest.raises(WireError) as err:
+        _verify(raw)
+    assert err.value.reason is Reason.UNKNOWN_KEY
+    env = json.loads(raw)
+    env["signatures"][0]["keyid"] = next(iter(RING._keys))
+    with pytest.raises(WireError) as err:
+        _verify(json.dumps(env).encode())
+    assert err.value.reason is Reason.BAD_SIGNATURE
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048))
+def test_envelope_parser_gives_only_typed_errors_on_random_bytes(raw):
+    """Arbitrary bytes never raise anything but WireError."""
+    with pytest.raises(WireError):
+        _verify(raw)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0), st.integers(min_value=0, max_value=7))
+def test_any_single_bit_flip_in_a_signed_job_is_refused(position, bit):
+    """Flipping any bit of a signed job envelope makes it fail with a typed error, never verify."""
+    raw = bytearray(envelope.sign(envelope.JOB_TYPE, b'{"job": 1}', KEY))
+    raw[position % len(raw)] ^= 1 << bit
+    try:
+        verified = _verify(bytes(raw))
+    except WireError:
+        return
+    # Flips that only change base64 padding bits or JSON whitespace may decode identically.
+    assert verified.payload == b'{"job": 1}'
+
+
+def test_job_spec_round_trips_and_refuses_coercion():
+    """JobSpec parses its own output; a string where a number belongs is refused (strict)."""
+    spec = job_spec(FleetKeys(), "veh-1")
+    assert (
+        parse_model(dump_model(spec), JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD) == spec
+    )
+    tampered = json.loads(dump_model(spec))
+    tampered["attempt"] = "1"
+    with pytest.raises(WireError) as err:
+        parse_model(
+            json.dumps(tampered).encode(), JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
+        )
+    assert "attempt" in err.value.detail
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "needle"),
+    [
+        ("expires_at", 0.0, "expires_at must be after issued_at"),
+        ("vehicle_id", "a/b", "vehicle_id"),
+        ("vehicle_id", "+", "vehicle_id"),
+        ("requester_key", base64.b64encode(b"short").decode(), "requester_key"),
+        ("inputs", {}, "inputs"),
+    ],
+)
+def test_job_spec_rejects_impossible_values_naming_the_field(field, value, needle):
+    """Impossible field values are refused with the field named in the detail."""
+    raw = json.loads(dump_model(job_spec(FleetKeys(), "veh-1")))
+    raw[field] = value
+    with pytest.raises(WireError) as err:
+        parse_model(json.dumps(raw).encode(), JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
+    assert needle in err.value.detail
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint8", "bool"])
+def test_tensor_round_trip_is_exact(dtype):
+    """A tensor survives the wire bit for bit, in every supported dtype."""
+    arr = (np.arange(24).reshape(2, 3, 4) % 2).astype(dtype)
+    back = parse_model(
+        dump_model(Tensor.from_numpy(arr)), Tensor, what="t", reason=Reason.MALFORMED_PAYLOAD
+    ).to_numpy()
+    assert back.dtype == arr.dtype and np.array_equal(back, arr)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"dtype": "float32", "shape": [2], "data": base64.b64encode(b"\0" * 7).decode()},
+        {"dtype": "float32", "shape": [-1], "data": ""},
+        {"dtype": "complex64", "shape": [1], "data": base64.b64encode(b"\0" * 8).decode()},
+        {"dtype": "uint8", "shape": [1 << 40], "data": ""},
+        {"dtype": "uint8", "shape": [1] * 9, "data": "AA=="},
+    ],
+    ids=["short-data", "negative-dim", "unknown-dtype", "absurd-size", "rank-too-high"],
+)
+def test_bad_tensors_are_refused(body):
+    """Tensors whose bytes do not fit their shape and dtype, or are absurd, are refused."""
+    with pytest.raises(WireError):
+        parse_model(json.dumps(body).encode(), Tensor, what="t", reason=Reason.MALFORMED_PAYLOAD)
+
+
+def test_sealed_result_opens_only_in_its_own_context():
+    """HPKE info binds job, attempt, vehicle and digest: any other context fails to open."""
+    requester = X25519PrivateKey.generate()
+    info = result_info("job-1", 1, "veh-1", "a" * 64)
+    ct = seal(b"secret", requester.public_key(), info)
+    assert open_sealed(ct, requester, info) == b"secret"
+    for other in (
+        result_info("job-2", 1, "veh-1", "a" * 64),
+        result_info("job-1", 2, "veh-1", "a" * 64),
+        result_info("job-1", 1, "veh-2", "a" * 64),
+        result_info("job-1", 1, "veh-1", "b" * 64),
+    ):
+        with pytest.raises(WireError) as err:
+            open_sealed(ct, requester, other)
+        assert err.value.reason is Reason.BAD_CIPHERTEXT
+    with pytest.raises(WireError):
+        open_sealed(ct, X25519PrivateKey.generate(), info)
+    flipped = bytearray(ct)
+    flipped[-1] ^= 1
+    with pytest.raises(WireError):
+        open_sealed(bytes(flipped), requester, info)
+
+
+def test_result_info_is_unambiguous():
+    """Length prefixes keep ('ab','c') and ('a','bc') apart."""
+    assert result_info("ab", 1, "c", "d") != result_info("a", 1, "bc", "d")
+
+
+@pytest.mark.parametrize("vid", ["", "+", "#", "a/b", "a+b", "-lead", "x" * 65, "ü"])
+def test_vehicle_ids_that_could_widen_an_acl_are_refused(vid):
+    """Vehicle ids with wildcards, separators or odd characters never make a topic."""
+    with pytest.raises(ValueError, match="not allowed"):
+        check_vehicle_id(vid)
+
+
+def test_topics_round_trip():
+    """Every channel topic parses back to its vehicle and channel; foreign topics do not."""
+    for channel in Channel:
+        assert parse_topic(topic("veh-1", channel)) == ("veh-1", channel)
+    assert parse_topic("fleet/v1/vehicles/veh-1/other") is None
+    assert parse_topic("elsewhere/v1/vehicles/veh-1/jobs") is None
