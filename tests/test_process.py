@@ -1,0 +1,94 @@
+"""The agent and the demo as real processes: clean shutdown on SIGTERM, the demo's own checks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+
+import aiomqtt
+import pytest
+
+from agent.exitcodes import ExitCode
+from broker.demo import run_demo
+from tests.support import wait_for, write_vehicle
+
+pytestmark = pytest.mark.broker
+
+
+async def test_sigterm_stops_the_agent_cleanly_and_says_offline(mosquitto, fleet, tmp_path):
+    """SIGTERM ends `edge-agent run` with exit 0 after it publishes a retained offline status."""
+    files = write_vehicle(tmp_path, "veh-proc", port=mosquitto.port, fleet=fleet)
+    statuses: list[dict] = []
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.subscribe("fleet/v1/vehicles/veh-proc/status", qos=1)
+
+        async def pump() -> None:
+            async for m in client.messages:
+                if isinstance(m.payload, bytes) and m.payload:
+                    statuses.append(json.loads(m.payload))
+
+        pumper = asyncio.create_task(pump())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            await wait_for(lambda: any(s["online"] for s in statuses), timeout=20, what="online")
+            proc.send_signal(signal.SIGTERM)
+            rc = await asyncio.to_thread(proc.wait, 15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            pumper.cancel()
+    assert proc.stdout is not None
+    with proc.stdout:
+        out = proc.stdout.read().decode()
+    assert rc == ExitCode.OK, out
+    await wait_for(lambda: not statuses[-1]["online"], what="offline status")
+    assert statuses[-1]["reasons"] != ["connection_lost"], "clean stop, not the Last Will"
+    assert '"event": "agent_stopped"' in out
+
+
+def test_agent_with_bad_config_exits_with_config_code(tmp_path):
+    """`edge-agent run` on a bad config exits 78 (EX_CONFIG) so systemd does not restart-loop."""
+    bad = tmp_path / "agent.toml"
+    bad.write_text("[vehicle]\nid = 'x'\nwings = 2\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG
+    assert "vehicle.wings" in proc.stdout
+
+
+def test_agent_with_missing_key_exits_with_config_code(tmp_path, fleet, mosquitto):
+    """A config whose key file is missing is refused at start with the path named."""
+    files = write_vehicle(tmp_path, "veh-nokey", port=mosquitto.port, fleet=fleet)
+    (files.config_path.parent / "vehicle.key").unlink()
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG
+    assert "vehicle.key" in proc.stdout
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """The demo, small: every job verified and decrypted, all by the eligible car, predictions right."""
+    report = run_demo(tmp_path / "demo", jobs=40, timeout_s=40)
+    assert report["ok"], report
+    assert report["results_verified_and_decrypted"] == 40
+    assert report["agreement_with_local_onnxruntime"] == 1.0
+    assert report["per_vehicle"]["car-driving"]["jobs_received"] == 0
+    assert report["per_vehicle"]["car-hot"]["jobs_received"] == 0
+    assert report["accuracy"] >= 0.9
