@@ -269,8 +269,8 @@ class Agent:
             self._wake_requester.clear()
             busy = self._queue.qsize() + (1 if self._current else 0) + self._outstanding
             free = self._capacity - busy
-            # Ask in batches: when half the slots are free, or when there is nothing to do.
-            worth_asking = free > 0 and (2 * free >= self._capacity or busy == 0)
+            # Ask as soon as a slot frees: a request costs ~200 bytes and keeps the queue full.
+            worth_asking = free > 0
             if self.gate.is_open and not self._stopping and worth_asking:
                 self._request_id += 1
                 request = WorkRequest(

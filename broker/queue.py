@@ -24,6 +24,9 @@ from agent.wire.tensors import Tensor
 
 SCHEMA = """
 PRAGMA journal_mode=WAL;
+-- NORMAL: a power cut may lose the last transactions, never corrupt; a job leased twice
+-- ends as one result because the collector deduplicates by job id.
+PRAGMA synchronous=NORMAL;
 CREATE TABLE IF NOT EXISTS jobs (
     job_id        TEXT PRIMARY KEY,
     template      BLOB NOT NULL,
