@@ -1,4 +1,4 @@
-"""Builds a ready-to-run Agent from a validated config: vehicle, keys, models, engine."""
+"""Builds a ready-to-run Agent from a validated config: vehicle, keys, models, engine, state."""
 
 from __future__ import annotations
 
@@ -9,13 +9,39 @@ from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.inference.engine import InProcessEngine
 from agent.inference.store import ModelStore, ModelStoreError
+from agent.state.ledger import EnergyLedger, StateError
 from agent.vehicle.emulated import EmulatedVehicle
+from agent.vehicle.host import HostVehicle, discover_power
 from agent.vehicle.scenario import Scenario, ScenarioError, load_scenario
+from agent.vehicle.sensors import SensorError
+from agent.vehicle.sensors.mains import MainsSupply
+from agent.vehicle.sensors.thermal import HottestZone
+from agent.vehicle.snapshot import VehicleSignals
 from agent.wire.keys import KeyFileError, KeyRing, load_signing_key
 
 
 class StartupError(Exception):
-    """Raised when the agent cannot start: a key, the trusted keys, a scenario or the models."""
+    """Raised when the agent cannot start: a key, the trusted keys, a scenario, sensors, models or state."""
+
+
+def build_vehicle(config: AgentConfig, emulated: EmulatedVehicle) -> VehicleSignals:
+    """The emulated car, or a rig's host sensors over it (vehicle.source = "host")."""
+    if config.vehicle.source == "emulated":
+        return emulated
+    root = config.sensors.sysfs_root
+    try:
+        thermal = HottestZone(root)
+    except SensorError as exc:
+        raise StartupError(f"vehicle.source = 'host' needs a thermal zone: {exc}") from None
+    try:
+        mains: MainsSupply | None = MainsSupply(root)
+    except SensorError:
+        mains = None  # a bench supply with no power_supply class: charging comes from the scenario
+    try:
+        power = discover_power(root, config.sensors.power, config.sensors.vcgencmd)
+    except SensorError as exc:
+        raise StartupError(f"sensors.power = {config.sensors.power!r}: {exc}") from None
+    return HostVehicle(emulated, thermal=thermal, mains=mains, power=power)
 
 
 def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) -> Agent:
@@ -24,17 +50,21 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         trusted = KeyRing.load(config.keys.trusted_job_keys)
         scenario = load_scenario(config.vehicle.scenario) if config.vehicle.scenario else Scenario()
         store = ModelStore.open(config.models.dir)
-    except (KeyFileError, ScenarioError, ModelStoreError) as exc:
+        ledger = EnergyLedger(config.state.dir / "state.db")
+    except (KeyFileError, ScenarioError, ModelStoreError, StateError) as exc:
         raise StartupError(str(exc)) from None
     if len(trusted) == 0:
         raise StartupError(f"{config.keys.trusted_job_keys} lists no job-signing key")
-    vehicle = EmulatedVehicle(scenario, started_at=clock(), time_scale=config.vehicle.time_scale)
-    return Agent(
+    emulated = EmulatedVehicle(scenario, started_at=clock(), time_scale=config.vehicle.time_scale)
+    agent = Agent(
         config,
-        vehicle=vehicle,
+        vehicle=build_vehicle(config, emulated),
         engine=InProcessEngine(intra_op_threads=config.agent.intra_op_threads),
         store=store,
         signing_key=signing_key,
         trusted=trusted,
+        ledger=ledger,
         clock=clock,
     )
+    emulated.attach_load(agent.compute_load)
+    return agent

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -32,7 +34,92 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("path", type=Path)
     keygen = sub.add_parser("keygen", help="create the vehicle's signing key")
     keygen.add_argument("--out", type=Path, required=True)
+    status = sub.add_parser("status", help="show the running agent's state")
+    _socket_args(status)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    vehicle = sub.add_parser("vehicle", help="live control of the emulated car")
+    vsub = vehicle.add_subparsers(dest="vehicle_command", required=True)
+    vset = vsub.add_parser("set", help="set fields, e.g. gear=D plugged_in=false")
+    _socket_args(vset)
+    vset.add_argument("fields", nargs="+", metavar="KEY=VALUE")
     return p
+
+
+def _socket_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    p.add_argument("--socket", type=Path, help="the control socket (default: from the config)")
+
+
+def _socket_path(args: argparse.Namespace) -> Path:
+    if args.socket is not None:
+        return Path(args.socket)
+    cfg = load_config(args.config)
+    return cfg.vehicle.control_socket or cfg.state.dir / "control.sock"
+
+
+def _parse_fields(pairs: list[str]) -> dict[str, str]:
+    fields = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{pair!r} is not KEY=VALUE (e.g. gear=D)")
+        fields[key] = value
+    return fields
+
+
+def _control(args: argparse.Namespace) -> int:
+    from agent.control import ControlError, request
+
+    try:
+        path = _socket_path(args)
+        if args.command == "status":
+            reply = request(path, {"op": "status"})
+        else:
+            reply = request(path, {"op": "set", "fields": _parse_fields(args.fields)})
+    except (ConfigError, ControlError, ValueError) as exc:
+        print(exc, file=sys.stderr)
+        return ExitCode.USAGE if isinstance(exc, ValueError) else ExitCode.CONFIG
+    if not reply.get("ok"):
+        print(f"refused: {reply.get('error')}", file=sys.stderr)
+        return ExitCode.USAGE
+    if args.command == "status":
+        print(
+            json.dumps(reply["status"], indent=2) if args.json else _render_status(reply["status"])
+        )
+    else:
+        print("vehicle now: " + ", ".join(f"{k}={v}" for k, v in reply["state"].items()))
+    return ExitCode.OK
+
+
+def _render_status(st: dict[str, Any]) -> str:
+    gate = st["gate"]
+    lines = [
+        f"vehicle   {st['vehicle_id']}  ({'connected' if st['connected'] else 'NOT connected'})",
+        f"gate      {'OPEN' if gate['open'] else 'closed'}"
+        + ("" if gate["open"] else f"  because: {', '.join(gate['reasons'])}"),
+    ]
+    v = st.get("vehicle")
+    if v:
+        lines.append(
+            f"car       gear {v['gear']}, {'plugged in' if v['plugged_in'] else 'unplugged'}, "
+            f"{'charging' if v['charging'] else 'not charging'}, SoC {v['soc_pct']:.1f} %, "
+            f"compute {v['compute_temp_c']:.1f} °C / {v['compute_power_w']:.1f} W, "
+            f"battery {v['battery_temp_c']:.1f} °C"
+        )
+        if v["faults"]:
+            lines.append(f"FAULTS    {'; '.join(v['faults'])}")
+    job = st.get("current_job")
+    lines.append(
+        f"job       {job['job_id']} (attempt {job['attempt']}, {job['model']})"
+        if job
+        else "job       none"
+    )
+    lines.append(f"queued    {st['queued_jobs']}")
+    e = st["energy"]
+    lines.append(
+        f"energy    {e['today_wh']:.3f} Wh of {e['daily_allowance_wh']:g} Wh today ({e['day']})"
+    )
+    return "\n".join(lines)
 
 
 def _check_config(path: Path) -> int:
@@ -81,8 +168,19 @@ async def _serve(config_path: Path) -> int:
         log.info("signal", signal=signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup() -> None:
+        try:
+            new = load_config(config_path)
+        except ConfigError as exc:
+            log.error(  # noqa: TRY400 - the problems are the news, not a traceback
+                "config_reload_refused", problems=exc.problems, kept="last good config"
+            )
+            return
+        agent.reload(new)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hangup)
     await agent.run(stop)
     return ExitCode.OK
 
@@ -93,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_config(args.path)
     if args.command == "keygen":
         return _keygen(args.out)
+    if args.command in ("status", "vehicle"):
+        return _control(args)
     logs.configure(json=not args.console)
     return asyncio.run(_serve(args.config))
 

@@ -10,13 +10,16 @@ docs/config.md documents every key.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import tomllib
+import zoneinfo
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.core.schedule import AllowedHours, parse_window
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
@@ -40,6 +43,40 @@ class OwnerSection(_Section):
     opted_in: bool = False
     consent_version: str = ""
     consent_date: dt.date | None = None
+    timezone: str = "UTC"
+    hours: dict[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"], tuple[str, ...]] = {}
+    accepted_issuers: tuple[str, ...] = ()
+    accepted_job_classes: tuple[str, ...] = ()
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        try:
+            zoneinfo.ZoneInfo(value)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r}: use an IANA name such as 'Europe/Berlin'"
+            ) from None
+        return value
+
+    @field_validator("hours")
+    @classmethod
+    def _windows(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for day, windows in value.items():
+            for window in windows:
+                try:
+                    parse_window(window)
+                except ValueError as exc:
+                    raise ValueError(f"{day}: {exc}") from None
+        return value
+
+    @field_validator("accepted_issuers")
+    @classmethod
+    def _key_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for kid in value:
+            if not re.fullmatch(r"[0-9a-f]{16}", kid):
+                raise ValueError(f"{kid!r} is not a key id (16 lowercase hex characters)")
+        return value
 
     @model_validator(mode="after")
     def _consent_recorded(self) -> OwnerSection:
@@ -50,18 +87,70 @@ class OwnerSection(_Section):
             )
         return self
 
+    @property
+    def zone(self) -> zoneinfo.ZoneInfo:
+        return zoneinfo.ZoneInfo(self.timezone)
+
+    @property
+    def allowed_hours(self) -> AllowedHours:
+        return AllowedHours.from_config({str(day): windows for day, windows in self.hours.items()})
+
 
 class VehicleSection(_Section):
     id: str = Field(pattern=f"^{VEHICLE_ID_PATTERN}$")
-    source: Literal["emulated"] = "emulated"
+    source: Literal["emulated", "host"] = "emulated"
     scenario: Path | None = None
     time_scale: float = Field(default=1.0, gt=0, le=10_000)
+    control_socket: Path | None = None
+
+
+class SensorsSection(_Section):
+    """Where a rig's real sensors are read (used when vehicle.source = "host")."""
+
+    sysfs_root: Path = Path("/")
+    power: Literal["auto", "rapl", "ina3221", "pmic", "none"] = "auto"
+    vcgencmd: str = "vcgencmd"
 
 
 class LimitsSection(_Section):
+    min_soc_pct: float = Field(default=20.0, ge=0, lt=100)
+    resume_soc_pct: float = Field(default=25.0, gt=0, le=100)
+    max_battery_temp_c: float = Field(default=45.0, gt=0, le=80)
+    resume_battery_temp_c: float = Field(default=40.0, gt=-40, le=80)
     max_compute_temp_c: float = Field(default=80.0, gt=0, le=120)
-    resume_margin_c: float = Field(default=5.0, ge=0, le=50)
+    resume_compute_temp_c: float = Field(default=75.0, gt=-40, le=120)
     gate_hold_s: float = Field(default=30.0, ge=0, le=3600)
+    power_cap_w: float = Field(default=15.0, gt=0, le=2000)
+    daily_energy_wh: float = Field(default=100.0, gt=0, le=100_000)
+
+    @model_validator(mode="after")
+    def _resume_inside_limits(self) -> LimitsSection:
+        pairs = (
+            (
+                "resume_compute_temp_c",
+                self.resume_compute_temp_c,
+                "max_compute_temp_c",
+                self.max_compute_temp_c,
+            ),
+            (
+                "resume_battery_temp_c",
+                self.resume_battery_temp_c,
+                "max_battery_temp_c",
+                self.max_battery_temp_c,
+            ),
+        )
+        for rname, rvalue, mname, mvalue in pairs:
+            if rvalue >= mvalue:
+                raise ValueError(
+                    f"{rname} ({rvalue}) must be below {mname} ({mvalue}), "
+                    "or the gate would reopen while still too hot"
+                )
+        if self.resume_soc_pct <= self.min_soc_pct:
+            raise ValueError(
+                f"resume_soc_pct ({self.resume_soc_pct}) must be above min_soc_pct "
+                f"({self.min_soc_pct}), or the gate would reopen while the battery is too low"
+            )
+        return self
 
 
 class BrokerSection(_Section):
@@ -79,6 +168,10 @@ class ModelsSection(_Section):
     dir: Path
 
 
+class StateSection(_Section):
+    dir: Path = Path("/var/lib/edge-agent")
+
+
 class AgentSection(_Section):
     capacity: int = Field(default=2, ge=1, le=64)
     work_request_interval_s: float = Field(default=2.0, gt=0, le=600)
@@ -91,7 +184,7 @@ class AgentSection(_Section):
 
 
 class AgentConfig(BaseSettings):
-    """The whole file. Sections: owner, vehicle, limits, broker, keys, models, agent."""
+    """The whole file. Sections: owner, vehicle, sensors, limits, broker, keys, models, state, agent."""
 
     model_config = SettingsConfigDict(
         frozen=True, extra="forbid", env_prefix="EDGE_AGENT_", env_nested_delimiter="__"
@@ -99,10 +192,12 @@ class AgentConfig(BaseSettings):
 
     owner: OwnerSection = OwnerSection()
     vehicle: VehicleSection
+    sensors: SensorsSection = SensorsSection()
     limits: LimitsSection = LimitsSection()
     broker: BrokerSection = BrokerSection()
     keys: KeysSection
     models: ModelsSection
+    state: StateSection = StateSection()
     agent: AgentSection = AgentSection()
 
     @classmethod
@@ -119,9 +214,12 @@ class AgentConfig(BaseSettings):
 
 _PATH_KEYS = (
     ("vehicle", "scenario"),
+    ("vehicle", "control_socket"),
+    ("sensors", "sysfs_root"),
     ("keys", "vehicle_key"),
     ("keys", "trusted_job_keys"),
     ("models", "dir"),
+    ("state", "dir"),
 )
 
 
@@ -133,7 +231,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 
 def _describe(err: Any, data: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err["loc"])
+    loc = ".".join(str(p) for p in err["loc"] if p != "[key]")
+    if "[key]" in err["loc"]:
+        return f"`{loc}`: unknown key: {err['msg']}"
     if err["type"] == "extra_forbidden":
         return f"`{loc}`: unknown key (check its spelling; docs/config.md lists every key)"
     if err["type"] == "missing":

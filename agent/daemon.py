@@ -15,10 +15,12 @@ in agent.core and agent.wire.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -27,13 +29,17 @@ from paho.mqtt.properties import Properties
 
 from agent import __version__
 from agent.config import AgentConfig
+from agent.control import ControlError, serve_control
 from agent.core.admission import AdmissionContext, HeldModel, admit
 from agent.core.backoff import backoff_delays
-from agent.core.gate import Gate, GateDecision, GatePolicy
+from agent.core.energy import EnergyMeter
+from agent.core.gate import Gate, GateDecision, GateInputs, GatePolicy
 from agent.inference.engine import InferenceEngine
 from agent.inference.store import ModelStore
 from agent.logs import get_logger
-from agent.vehicle.snapshot import VehicleSignals
+from agent.state.ledger import EnergyLedger
+from agent.vehicle.emulated import EmulatedVehicle
+from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
 from agent.wire import envelope
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
@@ -55,6 +61,22 @@ from agent.wire.topics import Channel, topic
 
 # Room for MQTT headers and topic names on top of the largest payload we accept.
 _PACKET_OVERHEAD = 4096
+ENERGY_SAVE_EVERY_S = 5.0
+
+
+def gate_policy(config: AgentConfig) -> GatePolicy:
+    limits = config.limits
+    return GatePolicy(
+        opted_in=config.owner.opted_in,
+        max_compute_temp_c=limits.max_compute_temp_c,
+        resume_compute_temp_c=limits.resume_compute_temp_c,
+        max_battery_temp_c=limits.max_battery_temp_c,
+        resume_battery_temp_c=limits.resume_battery_temp_c,
+        min_soc_pct=limits.min_soc_pct,
+        resume_soc_pct=limits.resume_soc_pct,
+        daily_energy_wh=limits.daily_energy_wh,
+        hold_s=limits.gate_hold_s,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +102,7 @@ class Agent:
         store: ModelStore,
         signing_key: Ed25519PrivateKey,
         trusted: KeyRing,
+        ledger: EnergyLedger,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -91,15 +114,13 @@ class Agent:
         self._trusted = trusted
         self._clock = clock
         self._log = get_logger(vehicle_id=self.vehicle_id)
-        limits = config.limits
-        self.gate = Gate(
-            GatePolicy(
-                opted_in=config.owner.opted_in,
-                max_compute_temp_c=limits.max_compute_temp_c,
-                resume_margin_c=limits.resume_margin_c,
-                hold_s=limits.gate_hold_s,
-            )
-        )
+        self.gate = Gate(gate_policy(config))
+        self._ledger = ledger
+        today = self._local(clock()).date().isoformat()
+        self.energy = EnergyMeter(day=today, today_wh=ledger.day_total(today))
+        self._energy_saved_at = 0.0
+        self._energy_booked: set[tuple[str, int]] = set()
+        self.last_snapshot: VehicleSnapshot | None = None
         self._capacity = config.agent.capacity
         self._queue: asyncio.Queue[AcceptedJob] = asyncio.Queue(maxsize=self._capacity)
         # Replay record: (job_id, attempt) of every job seen. In memory for now.
@@ -128,8 +149,10 @@ class Agent:
                 tg.create_task(self._stay_connected(), name="mqtt-connection")
                 tg.create_task(self._execute(), name="job-executor")
                 tg.create_task(self._stop_when(stop), name="stop-watch")
+                tg.create_task(self._serve_control(), name="control-socket")
         except* _Shutdown:
             pass
+        await asyncio.to_thread(self._ledger.save_day, self.energy.day, self.energy.today_wh)
         self._log.info("agent_stopped", **dict(self.counts))
 
     async def _stop_when(self, stop: asyncio.Event) -> None:
@@ -163,11 +186,46 @@ class Agent:
 
     # ---- the vehicle and the gate ---------------------------------------
 
+    def _local(self, at: float) -> dt.datetime:
+        return dt.datetime.fromtimestamp(at, self.config.owner.zone)
+
+    def _running_key(self) -> tuple[str, int] | None:
+        return (
+            (self._current[0].job.job_id, self._current[0].job.attempt) if self._current else None
+        )
+
+    def compute_load(self) -> float:
+        """What the emulated car sees of our compute: full while a job runs."""
+        return 1.0 if self._current is not None else 0.0
+
+    def observe(self, now: float) -> GateDecision:
+        """One look at the car: account energy, evaluate the gate, react to a change."""
+        snap = self._vehicle.snapshot(now)
+        local = self._local(now)
+        self.energy.sample(now, snap.compute_power_w, local.date().isoformat(), self._running_key())
+        decision = self.gate.evaluate(
+            GateInputs(
+                snap,
+                within_hours=self.config.owner.allowed_hours.allows(local),
+                energy_today_wh=self.energy.today_wh,
+            )
+        )
+        self.last_snapshot = snap
+        if snap.faults and decision.changed:
+            self._log.error("sensor_fault", faults=list(snap.faults))
+        if decision.changed:
+            self._on_gate_change(decision)
+        return decision
+
     async def _watch_vehicle(self) -> None:
         while True:
-            decision = self.gate.evaluate(self._vehicle.snapshot(self._clock()))
-            if decision.changed:
-                self._on_gate_change(decision)
+            now = self._clock()
+            self.observe(now)
+            if self._current is not None and now - self._energy_saved_at >= ENERGY_SAVE_EVERY_S:
+                self._energy_saved_at = now
+                await asyncio.to_thread(
+                    self._ledger.save_day, self.energy.day, self.energy.today_wh
+                )
             await asyncio.sleep(self.config.agent.vehicle_poll_s)
 
     def _on_gate_change(self, decision: GateDecision) -> None:
@@ -184,6 +242,81 @@ class Agent:
         if self._current is not None:
             self._preempt_reason = reason
             self._current[1].cancel()
+
+    # ---- operators: status, live control, reload --------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What `edge-agent status` shows: gate and reasons, the car, the job, energy."""
+        decision = self.gate.last
+        snap = self.last_snapshot
+        current = self._current[0].job if self._current else None
+        return {
+            "vehicle_id": self.vehicle_id,
+            "connected": self._connected.is_set(),
+            "gate": {
+                "open": bool(decision and decision.open),
+                "reasons": [r.value for r in decision.reasons] if decision else ["starting"],
+            },
+            "vehicle": None
+            if snap is None
+            else {
+                "gear": snap.gear.value,
+                "plugged_in": snap.plugged_in,
+                "charging": snap.charging,
+                "soc_pct": round(snap.soc_pct, 2),
+                "compute_temp_c": round(snap.compute_temp_c, 2),
+                "battery_temp_c": round(snap.battery_temp_c, 2),
+                "compute_power_w": round(snap.compute_power_w, 2),
+                "charge_power_w": round(snap.charge_power_w, 1),
+                "sources": snap.sources,
+                "faults": list(snap.faults),
+            },
+            "current_job": None
+            if current is None
+            else {
+                "job_id": current.job_id,
+                "attempt": current.attempt,
+                "model": current.model.name,
+                "energy_wh": round(self.energy.job_wh((current.job_id, current.attempt)), 6),
+            },
+            "queued_jobs": self._queue.qsize(),
+            "energy": {
+                "day": self.energy.day,
+                "today_wh": round(self.energy.today_wh, 6),
+                "daily_allowance_wh": self.config.limits.daily_energy_wh,
+            },
+            "counts": dict(self.counts),
+        }
+
+    def set_vehicle(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Live control of the emulated car (rigs, demos). ValueError if not possible."""
+        emulated = getattr(self._vehicle, "emulated", self._vehicle)
+        if not isinstance(emulated, EmulatedVehicle):
+            raise ValueError("this vehicle has no emulated state to set")  # noqa: TRY004 - an operator error, reported as such
+        state = emulated.set(self._clock(), **fields)
+        self.observe(self._clock())
+        return state.model_dump(mode="json")
+
+    async def _serve_control(self) -> None:
+        path = self.config.vehicle.control_socket or self.config.state.dir / "control.sock"
+        try:
+            await serve_control(path, self.status, self.set_vehicle)
+        except (ControlError, OSError) as exc:
+            self._log.error("control_socket_unavailable", path=str(path), error=str(exc))
+
+    def reload(self, new: AgentConfig) -> list[str]:
+        """Apply a reloaded config. Returns the sections that need a restart to take effect."""
+        restart = [
+            name
+            for name in ("vehicle", "sensors", "broker", "keys", "models", "state", "agent")
+            if getattr(new, name) != getattr(self.config, name)
+        ]
+        self.config = self.config.model_copy(update={"owner": new.owner, "limits": new.limits})
+        self.gate.update_policy(gate_policy(self.config))
+        self._log.info("config_reloaded", restart_needed_for=restart or None)
+        self.observe(self._clock())
+        self._status_dirty.set()
+        return restart
 
     # ---- the connection ---------------------------------------------------
 
@@ -312,6 +445,7 @@ class Agent:
             job = parse_model(
                 verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
             )
+            owner = self.config.owner
             ctx = AdmissionContext(
                 vehicle_id=self.vehicle_id,
                 now=self._clock(),
@@ -319,6 +453,8 @@ class Agent:
                 max_input_bytes=self.config.agent.max_input_bytes,
                 seen=self._seen,
                 models=self._store.held,
+                accepted_issuers=frozenset(owner.accepted_issuers),
+                accepted_classes=frozenset(owner.accepted_job_classes),
             )
             model = admit(job, verified.keyid, ctx)
         except WireError as err:
@@ -352,9 +488,20 @@ class Agent:
             try:
                 await asyncio.wait({run})
             finally:
-                self._current = None
                 if not run.done():
                     run.cancel()
+                self._current = None
+            if run.cancelled():
+                await self._close_energy(item, "preempted")
+            elif (exc := run.exception()) is not None:
+                self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
+                await self._close_energy(item, "failed")
+                await self._event_soon(
+                    item.job,
+                    EventKind.FAILED,
+                    Reason.RUNTIME_ERROR.value,
+                    f"agent error: {type(exc).__name__}",
+                )
             if run.cancelled():
                 await self._event_soon(
                     item.job,
@@ -362,6 +509,7 @@ class Agent:
                     self._preempt_reason,
                     "compute stopped; job handed back",
                 )
+            self._energy_booked.discard((item.job.job_id, item.job.attempt))
             self._wake_requester.set()
 
     async def _run_job(self, item: AcceptedJob) -> None:
@@ -374,6 +522,7 @@ class Agent:
                     item.model, lambda: self._store.read_verified(item.model), job.inputs
                 )
         except TimeoutError:
+            await self._close_energy(item, "failed")
             await self._event_soon(
                 job,
                 EventKind.FAILED,
@@ -382,14 +531,40 @@ class Agent:
             )
             return
         except WireError as err:
+            await self._close_energy(item, "failed")
             await self._event_soon(job, EventKind.FAILED, err.reason.value, err.detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
-        sealed = self._seal(item, outputs, runtime_ms)
+        energy_wh = await self._close_energy(item, "succeeded")
+        sealed = self._seal(item, outputs, runtime_ms, energy_wh)
         await self._publish(topic(self.vehicle_id, Channel.RESULTS), sealed)
         await self._event_soon(job, EventKind.SUCCEEDED, detail=f"runtime_ms={runtime_ms:.2f}")
 
-    def _seal(self, item: AcceptedJob, outputs: dict[str, Tensor], runtime_ms: float) -> bytes:
+    async def _close_energy(self, item: AcceptedJob, outcome: str) -> float:
+        """Book the job's energy (a last sample at its end) in the meter and the ledger."""
+        key = (item.job.job_id, item.job.attempt)
+        if key in self._energy_booked:
+            return self.energy.job_wh(key)
+        self._energy_booked.add(key)
+        now = self._clock()
+        power = self.last_snapshot.compute_power_w if self.last_snapshot else 0.0
+        self.energy.sample(now, power, self._local(now).date().isoformat(), key)
+        wh = self.energy.close_job(key)
+        await asyncio.to_thread(
+            self._ledger.record_job,
+            key[0],
+            key[1],
+            self.energy.day,
+            wh,
+            now,
+            outcome,
+            self.energy.today_wh,
+        )
+        return wh
+
+    def _seal(
+        self, item: AcceptedJob, outputs: dict[str, Tensor], runtime_ms: float, energy_wh: float
+    ) -> bytes:
         job = item.job
         body = ResultBody(
             job_id=job.job_id,
@@ -399,6 +574,7 @@ class Agent:
             outputs=outputs,
             runtime_ms=runtime_ms,
             finished_at=self._clock(),
+            energy_wh=energy_wh,
         )
         info = result_info(job.job_id, job.attempt, self.vehicle_id, item.digest)
         ciphertext = seal(dump_model(body), x25519_public(job.requester_key), info)

@@ -67,6 +67,7 @@ scenario = "{SCENARIOS / (v.scenario + ".toml")}"
 
 [limits]
 max_compute_temp_c = 85.0
+resume_compute_temp_c = 80.0
 gate_hold_s = 0
 
 [broker]
@@ -79,6 +80,9 @@ trusted_job_keys = "trusted-job-keys.json"
 
 [models]
 dir = "{MODELS}"
+
+[state]
+dir = "state"
 
 [agent]
 capacity = 8

@@ -84,6 +84,7 @@ scenario = "{SCENARIOS / (scenario + ".toml")}"
 
 [limits]
 max_compute_temp_c = 85.0
+resume_compute_temp_c = 80.0
 gate_hold_s = {hold_s}
 
 [broker]
@@ -96,6 +97,9 @@ trusted_job_keys = "trusted-job-keys.json"
 
 [models]
 dir = "{MODELS}"
+
+[state]
+dir = "state"
 
 [agent]
 capacity = 4

@@ -39,52 +39,116 @@ def test_good_config_loads_with_defaults_and_resolves_relative_paths(tmp_path):
     assert cfg.agent.capacity == 2
 
 
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (
-            ("[vehicle]", "[vehicle]\ncolour = 'red'"),
-            "`vehicle.colour`: unknown key (check its spelling; docs/config.md lists every key)",
-        ),
-        (
-            ('id = "veh-001"', 'id = "veh/001"'),
-            "`vehicle.id` = 'veh/001': String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'",
-        ),
-        (
-            ("[models]", "[limits]\nmax_compute_temp_c = 0\n[models]"),
-            "`limits.max_compute_temp_c` = 0: Input should be greater than 0",
-        ),
-        (
-            ("[models]", "[limits]\nmax_compute_temp_c = 'hot'\n[models]"),
-            "`limits.max_compute_temp_c` = 'hot': Input should be a valid number, unable to parse "
-            "string as a number",
-        ),
-        (
-            ("[models]", "[broker]\nport = 70000\n[models]"),
-            "`broker.port` = 70000: Input should be less than or equal to 65535",
-        ),
-        (
-            ('consent_version = "2026-11"\n', ""),
-            "`owner`: opted_in = true needs consent_version and consent_date: record which consent "
-            "text the owner agreed to and when",
-        ),
-        (('[models]\ndir = "models"', ""), "`models`: required key is missing"),
-        (
-            ("opted_in = true", "opted_in = 'yes please'"),
-            "`owner.opted_in` = 'yes please': Input should be a valid boolean, unable to interpret input",
-        ),
-    ],
-    ids=[
-        "unknown-key",
-        "bad-vehicle-id",
-        "zero-temp",
-        "not-a-number",
-        "port-range",
-        "consent-missing",
-        "section-missing",
-        "not-a-bool",
-    ],
-)
+BAD_CASES = [
+    pytest.param(
+        ("[vehicle]", "[vehicle]\ncolour = 'red'"),
+        "`vehicle.colour`: unknown key (check its spelling; docs/config.md lists every key)",
+        id="unknown-key",
+    ),
+    pytest.param(
+        ('id = "veh-001"', 'id = "veh/001"'),
+        "`vehicle.id` = 'veh/001': String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'",
+        id="bad-vehicle-id",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\nmax_compute_temp_c = 0\n[models]"),
+        "`limits.max_compute_temp_c` = 0: Input should be greater than 0",
+        id="zero-temp",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\nmax_compute_temp_c = 'hot'\n[models]"),
+        "`limits.max_compute_temp_c` = 'hot': Input should be a valid number, unable to parse "
+        "string as a number",
+        id="not-a-number",
+    ),
+    pytest.param(
+        ("[models]", "[broker]\nport = 70000\n[models]"),
+        "`broker.port` = 70000: Input should be less than or equal to 65535",
+        id="port-range",
+    ),
+    pytest.param(
+        ('consent_version = "2026-11"\n', ""),
+        "`owner`: opted_in = true needs consent_version and consent_date: record which consent "
+        "text the owner agreed to and when",
+        id="consent-missing",
+    ),
+    pytest.param(
+        ('[models]\ndir = "models"', ""), "`models`: required key is missing", id="no-section"
+    ),
+    pytest.param(
+        ("opted_in = true", "opted_in = 'yes please'"),
+        "`owner.opted_in` = 'yes please': Input should be a valid boolean, unable to interpret input",
+        id="not-a-bool",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\nmax_compute_temp_c = 80\nresume_compute_temp_c = 82\n[models]"),
+        "`limits`: resume_compute_temp_c (82.0) must be below max_compute_temp_c (80.0), "
+        "or the gate would reopen while still too hot",
+        id="resume-above-stop",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\nresume_battery_temp_c = 50\n[models]"),
+        "`limits`: resume_battery_temp_c (50.0) must be below max_battery_temp_c (45.0), "
+        "or the gate would reopen while still too hot",
+        id="battery-resume-above-stop",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\nmin_soc_pct = 30\n[models]"),
+        "`limits`: resume_soc_pct (25.0) must be above min_soc_pct (30.0), or the gate would "
+        "reopen while the battery is too low",
+        id="soc-resume-below-floor",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\npower_cap_w = 0\n[models]"),
+        "`limits.power_cap_w` = 0: Input should be greater than 0",
+        id="zero-cap",
+    ),
+    pytest.param(
+        ("[models]", "[limits]\ndaily_energy_wh = 0\n[models]"),
+        "`limits.daily_energy_wh` = 0: Input should be greater than 0",
+        id="zero-energy",
+    ),
+    pytest.param(
+        ("opted_in = true", "opted_in = true\ntimezone = 'Mars/Olympus'"),
+        "`owner.timezone` = 'Mars/Olympus': unknown time zone 'Mars/Olympus': use an IANA name "
+        "such as 'Europe/Berlin'",
+        id="unknown-zone",
+    ),
+    pytest.param(
+        ("[vehicle]", "[owner.hours]\nmon = ['22:00-06:00']\n[vehicle]"),
+        "`owner.hours`: mon: '22:00-06:00' ends before it starts; split a window that crosses "
+        "midnight in two",
+        id="window-backwards",
+    ),
+    pytest.param(
+        ("[vehicle]", "[owner.hours]\ntue = ['25:00-26:00']\n[vehicle]"),
+        "`owner.hours`: tue: '25:00-26:00' has an impossible time (use 00:00 to 24:00)",
+        id="window-bad-time",
+    ),
+    pytest.param(
+        ("[vehicle]", "[owner.hours]\nmonday = ['00:00-24:00']\n[vehicle]"),
+        "`owner.hours.monday`: unknown key: Input should be 'mon', 'tue', 'wed', 'thu', 'fri', 'sat' or 'sun'",
+        id="bad-weekday",
+    ),
+    pytest.param(
+        ("opted_in = true", "opted_in = true\naccepted_issuers = ['ABC']"),
+        "`owner.accepted_issuers` = ['ABC']: 'ABC' is not a key id (16 lowercase hex characters)",
+        id="bad-issuer",
+    ),
+    pytest.param(
+        ('id = "veh-001"', "id = \"veh-001\"\nsource = 'car'"),
+        "`vehicle.source` = 'car': Input should be 'emulated' or 'host'",
+        id="bad-source",
+    ),
+    pytest.param(
+        ("[models]", "[sensors]\npower = 'psu'\n[models]"),
+        "`sensors.power` = 'psu': Input should be 'auto', 'rapl', 'ina3221', 'pmic' or 'none'",
+        id="bad-power-sensor",
+    ),
+]
+
+
+@pytest.mark.parametrize(("edit", "message"), BAD_CASES)
 def test_bad_config_is_refused_with_the_exact_message(tmp_path, edit, message):
     """Each bad value is reported with its key, the value and what is allowed."""
     text = GOOD.replace(*edit)
@@ -129,6 +193,22 @@ def test_check_config_cli_exit_codes(tmp_path):
     ko = subprocess.run([*run, str(bad)], capture_output=True, text=True, check=False)
     assert ko.returncode == ExitCode.CONFIG
     assert "`vehicle.colour`: unknown key" in ko.stderr
+
+
+def test_owner_sections_parse_into_hours_and_zone(tmp_path):
+    """Allowed hours and the time zone come through as a working schedule."""
+    import datetime as dt
+
+    text = GOOD.replace("opted_in = true", "opted_in = true\ntimezone = 'Europe/Berlin'").replace(
+        "[vehicle]", "[owner.hours]\nmon = ['00:00-07:00']\nsun = []\n[vehicle]"
+    )
+    cfg = parse_config(text, path=tmp_path / "agent.toml")
+    hours = cfg.owner.allowed_hours
+    monday_6am = dt.datetime(2026, 11, 30, 6, 59, tzinfo=cfg.owner.zone)
+    assert hours.allows(monday_6am)
+    assert not hours.allows(monday_6am.replace(hour=7, minute=0))
+    assert not hours.allows(dt.datetime(2026, 11, 29, 12, 0, tzinfo=cfg.owner.zone))  # Sunday
+    assert hours.allows(dt.datetime(2026, 12, 1, 12, 0, tzinfo=cfg.owner.zone))  # Tuesday
 
 
 def test_shipped_example_config_is_valid():

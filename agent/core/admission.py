@@ -42,6 +42,9 @@ class AdmissionContext:
     max_input_bytes: int
     seen: Container[tuple[str, int]]
     models: Mapping[str, HeldModel]
+    # The owner's choices; empty means every issuer the vehicle trusts / every class.
+    accepted_issuers: frozenset[str] = frozenset()
+    accepted_classes: frozenset[str] = frozenset()
 
 
 def admit(job: JobSpec, signed_by: str, ctx: AdmissionContext) -> HeldModel:
@@ -49,6 +52,14 @@ def admit(job: JobSpec, signed_by: str, ctx: AdmissionContext) -> HeldModel:
     if job.issuer != signed_by:
         raise WireError(
             Reason.BAD_SIGNATURE, f"job claims issuer {job.issuer} but was signed by {signed_by}"
+        )
+    if ctx.accepted_issuers and job.issuer not in ctx.accepted_issuers:
+        raise WireError(
+            Reason.ISSUER_NOT_ACCEPTED, f"the owner does not accept jobs from issuer {job.issuer}"
+        )
+    if ctx.accepted_classes and job.job_class not in ctx.accepted_classes:
+        raise WireError(
+            Reason.CLASS_NOT_ACCEPTED, f"the owner does not accept job class {job.job_class!r}"
         )
     if job.vehicle_id != ctx.vehicle_id:
         raise WireError(

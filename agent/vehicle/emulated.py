@@ -1,42 +1,133 @@
-"""The emulated car: plays a scenario against the agent's clock, optionally accelerated."""
+"""The emulated car: plays a scenario through a small physical model, at real time or faster.
+
+Physics, integrated in steps of at most one scenario-second:
+  compute power  P = idle + load * (max - idle), `load` in [0, 1] from the agent
+  compute temp   dT/dt = (ambient + heat_soak + c_per_w * P - T) / tau   (first order)
+  charge power   full `charger_kw` below `taper_from_pct`, tapering linearly to a 5 % trickle
+                 at 100 %; when full, the charger still supplies the car's loads
+  state of charge  rises with charge power, falls with driving and compute power
+  battery temp   dT/dt = (ambient + c_per_kw * (charge kW + drive kW) - T) / tau
+Scenario events (and live `set` calls) change gear, plug, charger and ambient,
+or force a temperature or charge level; the physics carries on from there.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
-from agent.vehicle.scenario import Scenario, VehicleState
-from agent.vehicle.snapshot import VehicleSnapshot
+from agent.vehicle.scenario import CarModel, Scenario, ScenarioEvent, VehicleState
+from agent.vehicle.snapshot import Gear, VehicleSnapshot
 
+_MAX_STEP_S = 1.0
 _SOURCES = {"all": "emulated"}
 
 
-@dataclass
-class EmulatedVehicle:
-    """Snapshots follow `scenario`; `override` pins fields (tests, live control)."""
+def compute_power_w(car: CarModel, load: float) -> float:
+    return car.compute_idle_w + max(0.0, min(1.0, load)) * (car.compute_max_w - car.compute_idle_w)
 
-    scenario: Scenario
-    started_at: float
-    time_scale: float = 1.0
-    override: dict[str, object] = field(default_factory=dict)
+
+def charger_kw(car: CarModel, state: VehicleState, load_kw: float) -> float:
+    """What the charger delivers now: tapered above `taper_from_pct`; just the loads when full."""
+    if not (state.plugged_in and state.charging):
+        return 0.0
+    if state.soc_pct >= 100.0:
+        return load_kw
+    if state.soc_pct <= car.taper_from_pct:
+        return car.charger_kw
+    frac = (100.0 - state.soc_pct) / (100.0 - car.taper_from_pct)
+    return max(load_kw, car.charger_kw * max(frac, 0.05))  # a trickle finishes the charge
+
+
+def step(car: CarModel, state: VehicleState, dt_s: float, load: float) -> VehicleState:
+    """Advance the physics by `dt_s` scenario-seconds (pure)."""
+    p_compute = compute_power_w(car, load)
+    driving = state.gear in (Gear.DRIVE, Gear.REVERSE)
+    drive_kw = car.drive_kw if driving else 0.0
+    load_kw = p_compute / 1000.0 + drive_kw
+    charge_kw = charger_kw(car, state, load_kw)
+    soc = state.soc_pct + (charge_kw - load_kw) * dt_s / 3600.0 / car.battery_kwh * 100.0
+    soc = min(100.0, max(0.0, soc))
+    target_c = state.ambient_temp_c + state.heat_soak_c + car.compute_c_per_w * p_compute
+    compute_t = state.compute_temp_c + (target_c - state.compute_temp_c) * min(
+        1.0, dt_s / car.compute_tau_s
+    )
+    target_b = state.ambient_temp_c + car.battery_c_per_kw * (charge_kw + drive_kw)
+    battery_t = state.battery_temp_c + (target_b - state.battery_temp_c) * min(
+        1.0, dt_s / car.battery_tau_s
+    )
+    return state.model_copy(
+        update={"soc_pct": soc, "compute_temp_c": compute_t, "battery_temp_c": battery_t}
+    )
+
+
+class EmulatedVehicle:
+    """Snapshots of an emulated car following `scenario`; `now` is the agent's clock."""
+
+    def __init__(
+        self,
+        scenario: Scenario,
+        *,
+        started_at: float,
+        time_scale: float = 1.0,
+        load: Callable[[], float] = lambda: 0.0,
+    ) -> None:
+        self.scenario = scenario
+        self.car = scenario.car
+        self.time_scale = time_scale
+        self._started_at = started_at
+        self._state = scenario.initial
+        self._t = 0.0  # scenario seconds simulated so far
+        self._next_event = 0
+        self._load = load
+
+    def attach_load(self, load: Callable[[], float]) -> None:
+        """Where the compute load (0..1) comes from: the agent's worker."""
+        self._load = load
+
+    def _advance(self, now: float) -> None:
+        target = max(self._t, (now - self._started_at) * self.time_scale)
+        events = self.scenario.events
+        load = self._load()
+        while self._t < target or (
+            self._next_event < len(events) and events[self._next_event].at_s <= self._t
+        ):
+            if self._next_event < len(events) and events[self._next_event].at_s <= self._t:
+                self._state = events[self._next_event].apply(self._state)
+                self._next_event += 1
+                continue
+            horizon = target
+            if self._next_event < len(events):
+                horizon = min(horizon, events[self._next_event].at_s)
+            dt = min(_MAX_STEP_S, horizon - self._t)
+            self._state = step(self.car, self._state, dt, load)
+            self._t += dt
 
     def state(self, now: float) -> VehicleState:
-        state = self.scenario.state_at((now - self.started_at) * self.time_scale)
-        if self.override:
-            state = state.model_copy(update=self.override)
-        return state
+        self._advance(now)
+        return self._state
 
     def snapshot(self, now: float) -> VehicleSnapshot:
         s = self.state(now)
+        p_compute = compute_power_w(self.car, self._load())
+        driving = s.gear in (Gear.DRIVE, Gear.REVERSE)
+        load_kw = p_compute / 1000.0 + (self.car.drive_kw if driving else 0.0)
         return VehicleSnapshot(
             at=now,
             gear=s.gear,
             plugged_in=s.plugged_in,
             charging=s.charging and s.plugged_in,
             compute_temp_c=s.compute_temp_c,
+            charge_power_w=charger_kw(self.car, s, load_kw) * 1000.0,
+            soc_pct=s.soc_pct,
+            battery_temp_c=s.battery_temp_c,
             ambient_temp_c=s.ambient_temp_c,
+            compute_power_w=p_compute,
             sources=_SOURCES,
         )
 
-    def set(self, **fields: object) -> None:
-        """Pin fields of the state from now on (e.g. gear="D")."""
-        self.override.update(fields)
+    def set(self, now: float, **fields: object) -> VehicleState:
+        """Change the car now, as a scenario event would (live control). ValueError if impossible."""
+        self._advance(now)
+        event = ScenarioEvent.model_validate({"at_s": 0.0, **fields})
+        self._state = event.apply(self._state)
+        return self._state

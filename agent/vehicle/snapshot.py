@@ -34,6 +34,8 @@ class VehicleSnapshot:
     compute_power_w: float = 0.0
     # Where each value came from ("emulated", "sysfs:/sys/class/...", ...).
     sources: dict[str, str] = field(default_factory=dict, compare=False)
+    # Sensors that could not be read: any fault closes the gate (fail safe).
+    faults: tuple[str, ...] = ()
 
 
 class VehicleSignals(Protocol):

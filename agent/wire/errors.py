@@ -27,6 +27,8 @@ class Reason(StrEnum):
     MODEL_UNAVAILABLE = "model_unavailable"
     MODEL_MISMATCH = "model_mismatch"
     BAD_INPUTS = "bad_inputs"
+    ISSUER_NOT_ACCEPTED = "issuer_not_accepted"
+    CLASS_NOT_ACCEPTED = "class_not_accepted"
     BAD_CIPHERTEXT = "bad_ciphertext"
     UNKNOWN_JOB = "unknown_job"
     # Not refusals of the message itself: the vehicle hands the job back.

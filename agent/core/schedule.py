@@ -1,0 +1,58 @@
+"""The owner's allowed hours: per weekday, a list of "HH:MM-HH:MM" windows in local time (pure).
+
+"00:00-24:00" is the whole day; a window may not wrap past midnight (write two:
+"22:00-24:00" today and "00:00-06:00" tomorrow). Windows are half-open:
+"08:00-09:00" allows 08:00:00 up to, not including, 09:00:00.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_WINDOW = re.compile(r"^(\d{2}):(\d{2})-(\d{2}):(\d{2})$")
+
+
+def parse_window(text: str) -> tuple[int, int]:
+    """Minutes since midnight [start, end) for "HH:MM-HH:MM"; ValueError saying what is wrong."""
+    m = _WINDOW.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a window like '22:00-24:00'")
+    h1, m1, h2, m2 = (int(g) for g in m.groups())
+    if h1 > 23 or m1 > 59 or h2 > 24 or m2 > 59 or (h2 == 24 and m2 != 0):
+        raise ValueError(f"{text!r} has an impossible time (use 00:00 to 24:00)")
+    start, end = h1 * 60 + m1, h2 * 60 + m2
+    if end <= start:
+        raise ValueError(
+            f"{text!r} ends before it starts; split a window that crosses midnight in two"
+        )
+    return start, end
+
+
+@dataclass(frozen=True, slots=True)
+class AllowedHours:
+    """Windows per weekday (0 = Monday); a weekday with no windows allows nothing."""
+
+    windows: tuple[tuple[tuple[int, int], ...], ...]
+
+    @classmethod
+    def always(cls) -> AllowedHours:
+        return cls(tuple(((0, 1440),) for _ in WEEKDAYS))
+
+    @classmethod
+    def from_config(cls, table: Mapping[str, Sequence[str]]) -> AllowedHours:
+        """From {"mon": ["00:00-07:00"], ...}; a weekday not named allows the whole day."""
+        days = []
+        for name in WEEKDAYS:
+            if name in table:
+                days.append(tuple(parse_window(w) for w in table[name]))
+            else:
+                days.append(((0, 1440),))
+        return cls(tuple(days))
+
+    def allows(self, local: dt.datetime) -> bool:
+        minute = local.hour * 60 + local.minute
+        return any(start <= minute < end for start, end in self.windows[local.weekday()])
