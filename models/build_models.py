@@ -60,8 +60,51 @@ def build_digits() -> dict[str, object]:
     }
 
 
+def build_burn() -> dict[str, object]:
+    """A compute-bound model whose run time the job chooses: `rows` copies of `x` go through a
+    chain of 32 MatMul+Tanh layers (256x256). About 4 MFLOP per row; used to test preemption,
+    deadlines and the power governor with real onnxruntime work."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.RandomState(SEED)
+    weight = (rng.standard_normal((256, 256)) / 16.0).astype(np.float32)
+    nodes = [helper.make_node("Expand", ["x", "rows_by_256"], ["h0"])]
+    for i in range(32):
+        nodes.append(helper.make_node("MatMul", [f"h{i}", "W"], [f"m{i}"]))
+        nodes.append(helper.make_node("Tanh", [f"m{i}"], [f"h{i + 1}"]))
+    nodes.append(helper.make_node("ReduceSum", ["h32", "axis0"], ["y"], keepdims=0))
+    graph = helper.make_graph(
+        nodes,
+        "burn",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256]),
+            helper.make_tensor_value_info("rows_by_256", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256])],
+        initializer=[
+            numpy_helper.from_array(weight, "W"),
+            numpy_helper.from_array(np.array([0], np.int64), "axis0"),
+        ],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="edge-agent"
+    )
+    model.ir_version = 8
+    path = HERE / "burn.onnx"
+    path.write_bytes(model.SerializeToString())
+    return {
+        "name": "burn",
+        **_digest(path),
+        "inputs": {
+            "x": {"dtype": "float32", "shape": [1, 256]},
+            "rows_by_256": {"dtype": "int64", "shape": [2]},
+        },
+        "outputs": ["y"],
+    }
+
+
 def main() -> None:
-    manifest = {"version": 1, "models": [build_digits()]}
+    manifest = {"version": 1, "models": [build_digits(), build_burn()]}
     (HERE / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     print(json.dumps(manifest, indent=2))
 

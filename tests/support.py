@@ -65,6 +65,10 @@ def write_vehicle(
     opted_in: bool = True,
     extra: str = "",
     hold_s: float = 0.0,
+    scenario_path: Path | None = None,
+    owner: str = "",
+    vehicle: str = "",
+    limits: str = "",
 ) -> VehicleFiles:
     """Write a vehicle's key, trusted-keys file and config under `tmp`."""
     d = tmp / vehicle_id
@@ -77,15 +81,17 @@ def write_vehicle(
         f"""
 [owner]
 opted_in = {str(opted_in).lower()}
-{consent}
+{consent}{owner}
 [vehicle]
 id = "{vehicle_id}"
-scenario = "{SCENARIOS / (scenario + ".toml")}"
+scenario = "{scenario_path or SCENARIOS / (scenario + ".toml")}"
+{vehicle}
 
 [limits]
 max_compute_temp_c = 85.0
 resume_compute_temp_c = 80.0
 gate_hold_s = {hold_s}
+{limits}
 
 [broker]
 host = "127.0.0.1"
@@ -209,3 +215,32 @@ async def observing(port: int, vehicle_id: str) -> AsyncIterator[Observer]:
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
+
+
+BURN = next(m for m in MANIFEST["models"] if m["name"] == "burn")
+BURN_REF = ModelRef(name="burn", sha256=BURN["sha256"], size=BURN["size"])
+
+
+def burn_spec(
+    fleet: FleetKeys,
+    vehicle_id: str,
+    *,
+    rows: int,
+    job_id: str = "job-1",
+    max_runtime_s: float = 60.0,
+    **overrides: object,
+) -> JobSpec:
+    """A job on the compute-bound model: about 40 us of one core per row."""
+    inputs = {
+        "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
+        "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
+    }
+    return job_spec(
+        fleet,
+        vehicle_id,
+        job_id=job_id,
+        model=BURN_REF,
+        inputs=inputs,
+        limits=Limits(max_runtime_s=max_runtime_s),
+        **overrides,
+    )

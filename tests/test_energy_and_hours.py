@@ -1,0 +1,112 @@
+"""Energy accounting and the owner's allowed hours, as pure code, and the ledger on disk."""
+
+from __future__ import annotations
+
+import datetime as dt
+import zoneinfo
+
+import pytest
+
+from agent.core.energy import EnergyMeter
+from agent.core.schedule import AllowedHours, parse_window
+from agent.state.ledger import EnergyLedger, StateError
+
+JOB = ("job-1", 1)
+
+
+def test_meter_integrates_power_only_while_a_job_runs():
+    """Trapezoid integration of samples taken while a job runs; idle time counts nothing."""
+    m = EnergyMeter(day="2026-11-30")
+    m.sample(0.0, 30.0, "2026-11-30", None)
+    m.sample(1.0, 30.0, "2026-11-30", JOB)  # interval 0-1 had no job running
+    m.sample(2.0, 30.0, "2026-11-30", JOB)
+    m.sample(3.0, 10.0, "2026-11-30", JOB)
+    assert m.job_wh(JOB) == pytest.approx((30.0 + 20.0) / 3600.0)
+    assert m.today_wh == pytest.approx(m.job_wh(JOB))
+    assert m.close_job(JOB) == pytest.approx(50.0 / 3600.0)
+    assert m.job_wh(JOB) == 0.0
+
+
+def test_meter_never_guesses_across_a_gap():
+    """A gap longer than max_gap_s counts only max_gap_s at the later power."""
+    m = EnergyMeter(day="d", max_gap_s=5.0)
+    m.sample(0.0, 30.0, "d", JOB)
+    m.sample(3600.0, 30.0, "d", JOB)
+    assert m.today_wh == pytest.approx(30.0 * 5.0 / 3600.0)
+
+
+def test_meter_resets_at_the_owners_new_day():
+    """A sample on a new local day starts the day's total from zero."""
+    m = EnergyMeter(day="2026-11-30", today_wh=99.0)
+    m.sample(0.0, 10.0, "2026-12-01", JOB)
+    assert m.day == "2026-12-01"
+    assert m.today_wh == 0.0
+
+
+def test_meter_ignores_negative_power_and_clock_going_back():
+    """Negative readings count as zero; a sample earlier than the last adds nothing."""
+    m = EnergyMeter(day="d")
+    m.sample(10.0, -5.0, "d", JOB)
+    m.sample(11.0, -5.0, "d", JOB)
+    m.sample(5.0, 100.0, "d", JOB)
+    assert m.today_wh == 0.0
+
+
+def test_ledger_survives_a_restart(tmp_path):
+    """Day totals and per-job energy written by one ledger are read back by the next."""
+    path = tmp_path / "state" / "state.db"
+    ledger = EnergyLedger(path)
+    ledger.record_job("job-1", 1, "2026-11-30", 0.25, 100.0, "succeeded", day_total=1.5)
+    ledger.save_day("2026-11-30", 1.75)
+    ledger.close()
+    again = EnergyLedger(path)
+    assert again.day_total("2026-11-30") == pytest.approx(1.75)
+    assert again.job_wh("job-1", 1) == pytest.approx(0.25)
+    assert again.day_total("2026-12-01") == 0.0
+
+
+def test_ledger_in_an_unwritable_place_is_a_clear_error(tmp_path):
+    """A state directory that cannot be created is a StateError naming the path and what to check."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(StateError, match=r"state database .*writable"):
+        EnergyLedger(blocker / "state.db")
+
+
+@pytest.mark.parametrize(
+    ("window", "expected"),
+    [("00:00-24:00", (0, 1440)), ("07:30-08:00", (450, 480)), ("23:59-24:00", (1439, 1440))],
+)
+def test_windows_parse(window, expected):
+    """Windows are minutes since midnight, half-open."""
+    assert parse_window(window) == expected
+
+
+@pytest.mark.parametrize(
+    ("window", "needle"),
+    [
+        ("8:00-9:00", "not a window"),
+        ("09:00-08:00", "ends before"),
+        ("10:00-10:00", "ends before"),
+        ("24:00-24:00", "impossible"),
+        ("12:60-13:00", "impossible"),
+        ("00:00-24:30", "impossible"),
+    ],
+)
+def test_bad_windows_are_refused(window, needle):
+    """Malformed or impossible windows are refused with what is wrong."""
+    with pytest.raises(ValueError, match=needle):
+        parse_window(window)
+
+
+def test_hours_follow_the_owners_zone_across_dst():
+    """Allowed hours are local: 01:00-05:00 in Berlin is checked against Berlin's clock, DST included."""
+    zone = zoneinfo.ZoneInfo("Europe/Berlin")
+    hours = AllowedHours.from_config(
+        {d: ["01:00-05:00"] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+    )
+    summer = dt.datetime(2026, 7, 1, 0, 30, tzinfo=dt.UTC).astimezone(zone)  # 02:30 local
+    winter = dt.datetime(2026, 12, 1, 0, 30, tzinfo=dt.UTC).astimezone(zone)  # 01:30 local
+    late = dt.datetime(2026, 12, 1, 4, 30, tzinfo=dt.UTC).astimezone(zone)  # 05:30 local
+    assert hours.allows(summer) and hours.allows(winter)
+    assert not hours.allows(late)
