@@ -127,7 +127,8 @@ BAD_CASES = [
     ),
     pytest.param(
         ("[vehicle]", "[owner.hours]\nmonday = ['00:00-24:00']\n[vehicle]"),
-        "`owner.hours.monday`: unknown key: Input should be 'mon', 'tue', 'wed', 'thu', 'fri', 'sat' or 'sun'",
+        "`owner.hours.monday`: unknown key: Input should be 'mon', 'tue', 'wed', 'thu', 'fri', "
+        "'sat' or 'sun'",
         id="bad-weekday",
     ),
     pytest.param(
