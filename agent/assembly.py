@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from agent.config import AgentConfig
 from agent.daemon import Agent
-from agent.inference.engine import InProcessEngine
+from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
 from agent.state.ledger import EnergyLedger, StateError
 from agent.vehicle.emulated import EmulatedVehicle
@@ -59,7 +59,11 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
     agent = Agent(
         config,
         vehicle=build_vehicle(config, emulated),
-        engine=InProcessEngine(intra_op_threads=config.agent.intra_op_threads),
+        engine=WorkerEngine(
+            threads=config.agent.intra_op_threads,
+            memory_mb=config.agent.worker_memory_mb,
+            idle_s=config.agent.worker_idle_s,
+        ),
         store=store,
         signing_key=signing_key,
         trusted=trusted,

@@ -180,6 +180,10 @@ class AgentSection(_Section):
     max_input_bytes: int = Field(default=4 * 1024 * 1024, ge=1, le=64 * 1024 * 1024)
     max_clock_skew_s: float = Field(default=60.0, ge=0, le=3600)
     intra_op_threads: int = Field(default=1, ge=1, le=64)
+    worker_memory_mb: int = Field(default=2048, ge=256, le=1_048_576)
+    worker_idle_s: float = Field(default=10.0, ge=0, le=3600)
+    duty_slot_s: float = Field(default=0.1, ge=0.01, le=2.0)
+    governor_period_s: float = Field(default=0.5, ge=0.05, le=10.0)
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=300)
 
 

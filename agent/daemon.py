@@ -34,7 +34,8 @@ from agent.core.admission import AdmissionContext, HeldModel, admit
 from agent.core.backoff import backoff_delays
 from agent.core.energy import EnergyMeter
 from agent.core.gate import Gate, GateDecision, GateInputs, GatePolicy
-from agent.inference.engine import InferenceEngine
+from agent.core.governor import PowerGovernor
+from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore
 from agent.logs import get_logger
 from agent.state.ledger import EnergyLedger
@@ -62,6 +63,7 @@ from agent.wire.topics import Channel, topic
 # Room for MQTT headers and topic names on top of the largest payload we accept.
 _PACKET_OVERHEAD = 4096
 ENERGY_SAVE_EVERY_S = 5.0
+MAX_WORKER_CRASHES = 2
 
 
 def gate_policy(config: AgentConfig) -> GatePolicy:
@@ -98,7 +100,7 @@ class Agent:
         config: AgentConfig,
         *,
         vehicle: VehicleSignals,
-        engine: InferenceEngine,
+        engine: WorkerEngine,
         store: ModelStore,
         signing_key: Ed25519PrivateKey,
         trusted: KeyRing,
@@ -120,6 +122,13 @@ class Agent:
         self.energy = EnergyMeter(day=today, today_wh=ledger.day_total(today))
         self._energy_saved_at = 0.0
         self._energy_booked: set[tuple[str, int]] = set()
+        # Jobs that killed the worker, and how often; two strikes and the job is not run here.
+        self._worker_crashes: Counter[str] = Counter()
+        self._load_sample: tuple[float, float] | None = None
+        self._last_load = 0.0
+        self._power_samples: list[float] = []
+        self._idle_power_w: float | None = None
+        self.governor = PowerGovernor(cap_w=config.limits.power_cap_w, idle_w=0.0)
         self.last_snapshot: VehicleSnapshot | None = None
         self._capacity = config.agent.capacity
         self._queue: asyncio.Queue[AcceptedJob] = asyncio.Queue(maxsize=self._capacity)
@@ -150,8 +159,11 @@ class Agent:
                 tg.create_task(self._execute(), name="job-executor")
                 tg.create_task(self._stop_when(stop), name="stop-watch")
                 tg.create_task(self._serve_control(), name="control-socket")
+                tg.create_task(self._govern_power(), name="power-governor")
+                tg.create_task(self._duty_cycle(), name="duty-cycle")
         except* _Shutdown:
             pass
+        await self._engine.stop()
         await asyncio.to_thread(self._ledger.save_day, self.energy.day, self.energy.today_wh)
         self._log.info("agent_stopped", **dict(self.counts))
 
@@ -195,8 +207,24 @@ class Agent:
         )
 
     def compute_load(self) -> float:
-        """What the emulated car sees of our compute: full while a job runs."""
-        return 1.0 if self._current is not None else 0.0
+        """The worker's measured CPU use since the last call, as a fraction of its threads.
+
+        This drives the emulated car's compute power, so on the emulator the power
+        governor closes its loop over real CPU time, not over its own commands.
+        """
+        cpu = self._engine.cpu_seconds()
+        now = time.monotonic()
+        if cpu is None:
+            self._load_sample = None
+            self._last_load = 0.0
+            return 0.0
+        last, self._load_sample = self._load_sample, (now, cpu)
+        if last is not None and now - last[0] >= 0.02:
+            used = (cpu - last[1]) / (now - last[0]) / self._engine.threads
+            self._last_load = max(0.0, min(1.0, used))
+        elif last is not None:
+            self._load_sample = last  # too short to measure: keep the longer window
+        return self._last_load
 
     def observe(self, now: float) -> GateDecision:
         """One look at the car: account energy, evaluate the gate, react to a change."""
@@ -211,6 +239,13 @@ class Agent:
             )
         )
         self.last_snapshot = snap
+        if self._current is not None:
+            self._power_samples.append(snap.compute_power_w)
+        elif self._engine.pid is None:
+            idle = self._idle_power_w
+            self._idle_power_w = (
+                snap.compute_power_w if idle is None else idle + 0.1 * (snap.compute_power_w - idle)
+            )
         if snap.faults and decision.changed:
             self._log.error("sensor_fault", faults=list(snap.faults))
         if decision.changed:
@@ -221,6 +256,8 @@ class Agent:
         while True:
             now = self._clock()
             self.observe(now)
+            if self._current is None:
+                await self._engine.stop_if_idle(time.monotonic())
             if self._current is not None and now - self._energy_saved_at >= ENERGY_SAVE_EVERY_S:
                 self._energy_saved_at = now
                 await asyncio.to_thread(
@@ -240,8 +277,46 @@ class Agent:
 
     def _preempt(self, reason: str) -> None:
         if self._current is not None:
+            self._engine.kill()  # compute stops here, before anything else happens
             self._preempt_reason = reason
             self._current[1].cancel()
+
+    # ---- the power cap -----------------------------------------------------
+
+    async def _govern_power(self) -> None:
+        """Every control period, set the duty cycle from the average compute power measured."""
+        period = self.config.agent.governor_period_s
+        while True:
+            await asyncio.sleep(period)
+            if self.governor.cap_w != self.config.limits.power_cap_w:
+                self.governor.set_cap(self.config.limits.power_cap_w)
+            if self._idle_power_w is not None:
+                self.governor.idle_w = self._idle_power_w
+            samples, self._power_samples = self._power_samples, []
+            if self._current is None or not samples:
+                continue
+            applied = self.governor.duty
+            duty = self.governor.update(sum(samples) / len(samples), applied)
+            if abs(duty - applied) > 0.05:
+                self._log.debug("duty_changed", duty=round(duty, 3), cap_w=self.governor.cap_w)
+
+    async def _duty_cycle(self) -> None:
+        """Run the worker for `duty` of every slot and pause it (SIGSTOP) for the rest."""
+        slot = self.config.agent.duty_slot_s
+        while True:
+            duty = self.governor.duty
+            if self._current is None or duty >= 0.999:
+                self._engine.resume()
+                await asyncio.sleep(slot)
+            elif duty <= 0.001:
+                self._engine.pause()
+                await asyncio.sleep(slot)
+            else:
+                self._engine.resume()
+                await asyncio.sleep(duty * slot)
+                if self._current is not None:
+                    self._engine.pause()
+                await asyncio.sleep((1.0 - duty) * slot)
 
     # ---- operators: status, live control, reload --------------------------
 
@@ -461,7 +536,14 @@ class Agent:
             await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
             return
         self._seen.add((job.job_id, job.attempt))
-        if not self.gate.is_open or self._stopping:
+        if self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES:
+            await self._event(
+                job,
+                EventKind.REJECTED,
+                Reason.POISON_JOB.value,
+                "this job killed the worker twice before; not run here again",
+            )
+        elif not self.gate.is_open or self._stopping:
             await self._event(
                 job, EventKind.RELEASED, Reason.GATE_CLOSED.value, "vehicle not eligible now"
             )
@@ -517,22 +599,20 @@ class Agent:
         await self._event_soon(job, EventKind.RUNNING)
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(job.limits.max_runtime_s):
-                outputs = await self._engine.run(
-                    item.model, lambda: self._store.read_verified(item.model), job.inputs
-                )
-        except TimeoutError:
-            await self._close_energy(item, "failed")
-            await self._event_soon(
-                job,
-                EventKind.FAILED,
-                Reason.DEADLINE.value,
-                f"ran past max_runtime_s={job.limits.max_runtime_s}",
+            outputs = await self._engine.run(
+                item.model,
+                self._store.path_of(item.model),
+                job.inputs,
+                deadline_s=job.limits.max_runtime_s,
             )
-            return
         except WireError as err:
+            detail = err.detail
+            if err.reason in (Reason.WORKER_CRASHED, Reason.MEMORY_LIMIT):
+                self._worker_crashes[job.job_id] += 1
+                if self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES:
+                    detail += "; this job has now killed the worker twice and is not run here again"
             await self._close_energy(item, "failed")
-            await self._event_soon(job, EventKind.FAILED, err.reason.value, err.detail)
+            await self._event_soon(job, EventKind.FAILED, err.reason.value, detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
         energy_wh = await self._close_energy(item, "succeeded")

@@ -1,67 +1,278 @@
-"""Running a verified model on inputs, off the event loop.
+"""Runs inference in a separate worker process that the daemon can pause, stop or kill at once.
 
-`InferenceEngine` is the interface the daemon uses. `InProcessEngine` runs
-onnxruntime in a thread of the daemon's process, importing onnxruntime only
-on first use; sessions are cached per model digest, intra-op threads follow
-the config and thread spinning is off (it burns power after every run).
+`WorkerEngine` starts `python -m agent.inference.worker` when there is work
+and stops it after `idle_s` without any. The daemon never imports
+onnxruntime. The worker can be:
+  - paused and resumed (SIGSTOP / SIGCONT, about 0.1 ms): the power governor's
+    duty cycle; paused time does not count against the job's deadline;
+  - killed (SIGSTOP then SIGKILL): preemption, a deadline, shutdown. Compute
+    stops when SIGSTOP lands, not when onnxruntime next checks a flag.
+A worker that dies under a job (a crashing model, the memory limit, a kill)
+fails that job with a typed reason; the next job starts a fresh worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
 
 from agent.core.admission import HeldModel
+from agent.inference import frames
+from agent.logs import get_logger
 from agent.wire.errors import Reason, WireError
 from agent.wire.tensors import Tensor
 
-
-class InferenceEngine(Protocol):
-    async def run(
-        self, model: HeldModel, load: Callable[[], bytes], inputs: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        """Run `model` (its verified bytes come from `load`) on `inputs`."""
-        ...
+_START_TIMEOUT_S = 60.0
 
 
-class InProcessEngine:
-    """onnxruntime in a worker thread of this process."""
+class WorkerEngine:
+    """One worker process at a time, one job at a time."""
 
-    def __init__(self, *, intra_op_threads: int = 1) -> None:
-        self._threads = intra_op_threads
-        self._sessions: dict[str, Any] = {}
-        self._lock = threading.Lock()
+    def __init__(self, *, threads: int = 1, memory_mb: int = 2048, idle_s: float = 10.0) -> None:
+        self.threads = threads
+        self.memory_mb = memory_mb
+        self.idle_s = idle_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._lock = asyncio.Lock()
+        self._log = get_logger(component="worker")
+        self._paused_since: float | None = None
+        self._paused_total = 0.0
+        self._last_used = 0.0
+        self.starts = 0
+        self.busy = False
 
-    def _session(self, model: HeldModel, load: Callable[[], bytes]) -> Any:
-        with self._lock:
-            session = self._sessions.get(model.sha256)
-            if session is None:
-                import onnxruntime as ort
+    # ---- process control (synchronous: called from the gate's hot path) ----
 
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads = self._threads
-                opts.inter_op_num_threads = 1
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                opts.log_severity_level = 3
-                session = ort.InferenceSession(load(), opts, providers=["CPUExecutionProvider"])
-                self._sessions[model.sha256] = session
-            return session
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.returncode is None else None
 
-    def _run_sync(
-        self, model: HeldModel, load: Callable[[], bytes], inputs: Mapping[str, Tensor]
-    ) -> dict[str, Tensor]:
-        session = self._session(model, load)
-        feeds = {name: t.to_numpy() for name, t in inputs.items()}
-        names = [o.name for o in session.get_outputs()]
+    def kill(self) -> None:
+        """SIGSTOP then SIGKILL: no more CPU from the moment the first signal lands."""
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGSTOP)
+            os.kill(pid, signal.SIGKILL)
+        self._paused_since = None
+
+    def pause(self) -> None:
+        pid = self.pid
+        if pid is not None and self._paused_since is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            self._paused_since = time.monotonic()
+
+    def resume(self) -> None:
+        pid = self.pid
+        if self._paused_since is not None:
+            self._paused_total += time.monotonic() - self._paused_since
+            self._paused_since = None
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    @property
+    def paused(self) -> bool:
+        return self._paused_since is not None
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU time of the worker so far (from /proc), or None without one."""
+        pid = self.pid
+        if pid is None:
+            return None
         try:
-            values = session.run(names, feeds)
-        except Exception as exc:  # onnxruntime raises its own untyped errors
-            raise WireError(Reason.RUNTIME_ERROR, f"onnxruntime: {str(exc)[:300]}") from None
-        return {n: Tensor.from_numpy(v) for n, v in zip(names, values, strict=True)}
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            return None
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    # ---- lifecycle ---------------------------------------------------------
+
+    async def _ensure_started(self) -> asyncio.subprocess.Process:
+        if self._proc is not None and self._proc.returncode is None:
+            return self._proc
+        await self._reap()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "agent.inference.worker",
+            "--threads",
+            str(self.threads),
+            "--memory-mb",
+            str(self.memory_mb),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            limit=64 * 1024 * 1024,
+        )
+        self._proc = proc
+        self.starts += 1
+        try:
+            async with asyncio.timeout(_START_TIMEOUT_S):
+                ready = await self._read_header(proc)
+        except (TimeoutError, WireError):
+            self.kill()
+            await self._reap()
+            raise WireError(Reason.WORKER_CRASHED, "the inference worker did not start") from None
+        self._log.info("worker_started", pid=ready.get("pid"), memory_mb=self.memory_mb)
+        return proc
+
+    async def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            await proc.wait()
+        self._paused_since = None
+
+    async def stop(self) -> None:
+        """Stop the worker (idle or at shutdown)."""
+        if self._proc is not None and self._proc.returncode is None:
+            self._log.info("worker_stopping", pid=self._proc.pid)
+        self.kill()
+        await self._reap()
+
+    async def stop_if_idle(self, now: float) -> bool:
+        if self._proc is not None and not self.busy and now - self._last_used > self.idle_s:
+            await self.stop()
+            return True
+        return False
+
+    # ---- one job -----------------------------------------------------------
+
+    async def _read_header(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
+        assert proc.stdout is not None
+        try:
+            prefix = await proc.stdout.readexactly(4)
+            header = frames.parse_header(
+                await proc.stdout.readexactly(frames.header_length(prefix))
+            )
+        except (asyncio.IncompleteReadError, ValueError):
+            code = await proc.wait()
+            raise WireError(
+                Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
+            ) from None
+        return header
+
+    async def _exchange(
+        self, proc: asyncio.subprocess.Process, header: dict[str, Any], buffers: list[bytes]
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        try:
+            proc.stdin.writelines(frames.encode(header, buffers))
+            await proc.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            code = await proc.wait()
+            raise WireError(
+                Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
+            ) from None
+        reply = await self._read_header(proc)
+        out = []
+        for n in frames.buffer_sizes(reply.get("outputs", [])):
+            try:
+                out.append(await proc.stdout.readexactly(n) if n else b"")
+            except asyncio.IncompleteReadError:
+                code = await proc.wait()
+                raise WireError(
+                    Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
+                ) from None
+        return reply, out
+
+    def _active_s(self, started: float) -> float:
+        paused = self._paused_total + (
+            time.monotonic() - self._paused_since if self._paused_since is not None else 0.0
+        )
+        return time.monotonic() - started - paused
 
     async def run(
-        self, model: HeldModel, load: Callable[[], bytes], inputs: Mapping[str, Tensor]
+        self, model: HeldModel, path: Path, inputs: Mapping[str, Tensor], *, deadline_s: float
     ) -> dict[str, Tensor]:
-        return await asyncio.to_thread(self._run_sync, model, load, inputs)
+        async with self._lock:
+            self.busy = True
+            try:
+                return await self._run(model, path, inputs, deadline_s)
+            except BaseException:
+                # Cancelled (preempted), timed out or crashed: the pipe may be mid-frame.
+                self.kill()
+                await asyncio.shield(self._reap())
+                raise
+            finally:
+                self.busy = False
+                self._last_used = time.monotonic()
+
+    async def _run(
+        self, model: HeldModel, path: Path, inputs: Mapping[str, Tensor], deadline_s: float
+    ) -> dict[str, Tensor]:
+        proc = await self._ensure_started()
+        self.resume()
+        header = {
+            "op": "run",
+            "model": {"sha256": model.sha256, "size": model.size, "path": str(path)},
+            "inputs": [
+                {"name": n, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+                for n, t in inputs.items()
+            ],
+        }
+        self._paused_total = 0.0
+        started = time.monotonic()
+        exchange = asyncio.ensure_future(
+            self._exchange(proc, header, [t.data for t in inputs.values()])
+        )
+        try:
+            while True:
+                remaining = deadline_s - self._active_s(started)
+                if remaining <= 0:
+                    raise WireError(Reason.DEADLINE, f"ran past max_runtime_s={deadline_s:g}")
+                done, _ = await asyncio.wait({exchange}, timeout=remaining)
+                if done:
+                    break
+        finally:
+            if not exchange.done():
+                exchange.cancel()
+                with contextlib.suppress(asyncio.CancelledError, WireError):
+                    await exchange
+        reply, buffers = exchange.result()
+        if not reply.get("ok"):
+            reason = str(reply.get("reason", "runtime_error"))
+            code = {
+                "model_mismatch": Reason.MODEL_MISMATCH,
+                "memory_limit": Reason.MEMORY_LIMIT,
+            }.get(reason, Reason.RUNTIME_ERROR)
+            raise WireError(code, str(reply.get("detail", ""))[:400])
+        try:
+            return {
+                spec["name"]: Tensor(dtype=spec["dtype"], shape=tuple(spec["shape"]), data=buf)
+                for spec, buf in zip(reply["outputs"], buffers, strict=True)
+            }
+        except ValidationError as exc:
+            raise WireError(
+                Reason.RUNTIME_ERROR, f"the model produced an output the wire cannot carry: {exc}"
+            ) from None
+
+
+def _describe(returncode: int | None) -> str:
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"

@@ -83,6 +83,9 @@ class ModelStore:
     def held(self) -> dict[str, HeldModel]:
         return {name: held for name, (held, _) in self._models.items()}
 
+    def path_of(self, model: HeldModel) -> Path:
+        return self._models[model.name][1]
+
     def read_verified(self, model: HeldModel) -> bytes:
         """The model's bytes, verified against its pin; WireError(MODEL_MISMATCH) otherwise."""
         _, path = self._models[model.name]

@@ -79,15 +79,16 @@ class EmulatedVehicle:
         self._t = 0.0  # scenario seconds simulated so far
         self._next_event = 0
         self._load = load
+        self._last_load = 0.0
 
     def attach_load(self, load: Callable[[], float]) -> None:
         """Where the compute load (0..1) comes from: the agent's worker."""
         self._load = load
+        self._last_load = 0.0
 
-    def _advance(self, now: float) -> None:
+    def _advance(self, now: float, load: float) -> None:
         target = max(self._t, (now - self._started_at) * self.time_scale)
         events = self.scenario.events
-        load = self._load()
         while self._t < target or (
             self._next_event < len(events) and events[self._next_event].at_s <= self._t
         ):
@@ -103,12 +104,14 @@ class EmulatedVehicle:
             self._t += dt
 
     def state(self, now: float) -> VehicleState:
-        self._advance(now)
+        self._advance(now, self._last_load)
         return self._state
 
     def snapshot(self, now: float) -> VehicleSnapshot:
+        # The load is read once per snapshot: it may be a measurement over the last interval.
+        self._last_load = self._load()
         s = self.state(now)
-        p_compute = compute_power_w(self.car, self._load())
+        p_compute = compute_power_w(self.car, self._last_load)
         driving = s.gear in (Gear.DRIVE, Gear.REVERSE)
         load_kw = p_compute / 1000.0 + (self.car.drive_kw if driving else 0.0)
         return VehicleSnapshot(
@@ -127,7 +130,7 @@ class EmulatedVehicle:
 
     def set(self, now: float, **fields: object) -> VehicleState:
         """Change the car now, as a scenario event would (live control). ValueError if impossible."""
-        self._advance(now)
+        self._advance(now, self._last_load)
         event = ScenarioEvent.model_validate({"at_s": 0.0, **fields})
         self._state = event.apply(self._state)
         return self._state

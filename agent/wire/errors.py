@@ -37,6 +37,10 @@ class Reason(StrEnum):
     # Failures while running an accepted job.
     DEADLINE = "deadline_exceeded"
     RUNTIME_ERROR = "runtime_error"
+    WORKER_CRASHED = "worker_crashed"
+    MEMORY_LIMIT = "memory_limit"
+    # Refused because this job crashed the worker before: not retried here again.
+    POISON_JOB = "poison_job"
 
 
 class WireError(Exception):

@@ -1,0 +1,41 @@
+"""The frame format between the daemon and its inference worker (over the worker's stdin/stdout).
+
+    u32 little-endian header length | header (JSON) | buffers, back to back
+
+The header lists each buffer's name, dtype, shape and byte length; buffers are
+raw little-endian tensor bytes. No pickling: the worker wraps them in numpy
+arrays without copying, and large tensors cost one pipe copy each way.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+_LEN = struct.Struct("<I")
+MAX_HEADER = 1 << 20
+
+
+def encode(header: dict[str, Any], buffers: list[bytes]) -> list[bytes]:
+    """The pieces of one frame, ready for writelines (no concatenation copy)."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return [_LEN.pack(len(head)), head, *buffers]
+
+
+def header_length(prefix: bytes) -> int:
+    (n,) = _LEN.unpack(prefix)
+    if n > MAX_HEADER:
+        raise ValueError(f"frame header of {n} bytes exceeds {MAX_HEADER}")
+    return int(n)
+
+
+def parse_header(raw: bytes) -> dict[str, Any]:
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise ValueError("frame header is not an object")  # noqa: TRY004 - callers catch ValueError
+    return header
+
+
+def buffer_sizes(specs: list[dict[str, Any]]) -> list[int]:
+    return [int(s["nbytes"]) for s in specs]

@@ -1,0 +1,166 @@
+"""The inference worker process: the only place onnxruntime is imported.
+
+Started by `WorkerEngine` as `python -m agent.inference.worker`, it speaks
+frames (frames.py) on stdin/stdout. It limits its own address space
+(RLIMIT_AS) before importing anything large, verifies each model file's
+sha256 and size from the bytes it reads before creating a session, caches
+sessions per digest, turns thread spinning off, and answers every request
+with outputs or a typed failure. A model that crashes the runtime or blows
+the memory limit kills only this process; the daemon sees the pipe close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import resource
+import signal
+import sys
+import time
+from typing import Any, BinaryIO
+
+from agent.inference import frames
+
+
+def _limit_memory(megabytes: int) -> None:
+    if megabytes > 0:
+        limit = megabytes * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    data = stream.read(n)
+    if not data:
+        return None
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            raise EOFError("stream closed mid-frame")
+        data += more
+    return data
+
+
+def _reply(out: BinaryIO, header: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+    out.writelines(frames.encode(header, buffers or []))
+    out.flush()
+
+
+class Runtime:
+    def __init__(self, threads: int) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self._threads = threads
+        self._sessions: dict[str, Any] = {}
+
+    def session(self, spec: dict[str, Any]) -> Any:
+        digest = spec["sha256"]
+        session = self._sessions.get(digest)
+        if session is not None:
+            return session
+        with open(spec["path"], "rb") as f:
+            data = f.read(int(spec["size"]) + 1)
+        if len(data) != spec["size"] or hashlib.sha256(data).hexdigest() != digest:
+            raise _RefusedError("model_mismatch", f"{spec['path']} does not match its pinned digest")
+        opts = self._ort.SessionOptions()
+        opts.intra_op_num_threads = self._threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        session = self._ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        self._sessions[digest] = session
+        return session
+
+    def run(
+        self, header: dict[str, Any], buffers: list[bytes]
+    ) -> tuple[dict[str, Any], list[bytes]]:
+        import numpy as np
+
+        session = self.session(header["model"])
+        feeds = {
+            spec["name"]: np.frombuffer(
+                buf, dtype=np.dtype(spec["dtype"]).newbyteorder("<")
+            ).reshape(spec["shape"])
+            for spec, buf in zip(header["inputs"], buffers, strict=True)
+        }
+        names = [o.name for o in session.get_outputs()]
+        started = time.perf_counter()
+        values = session.run(names, feeds)
+        run_ms = (time.perf_counter() - started) * 1000
+        specs, out = [], []
+        for name, value in zip(names, values, strict=True):
+            arr = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
+            data = arr.tobytes()
+            specs.append(
+                {
+                    "name": name,
+                    "dtype": str(arr.dtype.newbyteorder("=")),
+                    "shape": list(arr.shape),
+                    "nbytes": len(data),
+                }
+            )
+            out.append(data)
+        return {"ok": True, "outputs": specs, "run_ms": run_ms}, out
+
+
+class _RefusedError(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
+    runtime = Runtime(threads)
+    _reply(out, {"ok": True, "ready": True, "pid": os.getpid()})
+    while True:
+        prefix = _read_exact(inp, 4)
+        if prefix is None:
+            return 0
+        raw = _read_exact(inp, frames.header_length(prefix))
+        if raw is None:
+            return 0
+        header = frames.parse_header(raw)
+        buffers = []
+        for n in frames.buffer_sizes(header.get("inputs", [])):
+            buf = _read_exact(inp, n) if n else b""
+            if buf is None:
+                return 0
+            buffers.append(buf)
+        try:
+            reply, data = runtime.run(header, buffers)
+        except _RefusedError as exc:
+            reply, data = {"ok": False, "reason": exc.reason, "detail": exc.detail}, []
+        except MemoryError:
+            reply, data = (
+                {
+                    "ok": False,
+                    "reason": "memory_limit",
+                    "detail": "the model needed more memory than the worker's limit",
+                },
+                [],
+            )
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            text = str(exc)
+            reason = "memory_limit" if "alloc" in text.lower() else "runtime_error"
+            reply, data = (
+                {"ok": False, "reason": reason, "detail": f"onnxruntime: {text[:300]}"},
+                [],
+            )
+        _reply(out, reply, data)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edge-agent-worker")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--memory-mb", type=int, default=0)
+    args = p.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    _limit_memory(args.memory_mb)
+    return serve(sys.stdin.buffer, sys.stdout.buffer, args.threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
