@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +64,7 @@ from agent.wire.topics import Channel, topic
 _PACKET_OVERHEAD = 4096
 ENERGY_SAVE_EVERY_S = 5.0
 MAX_WORKER_CRASHES = 2
+LOAD_WINDOW_S = 0.1
 
 
 def gate_policy(config: AgentConfig) -> GatePolicy:
@@ -124,8 +125,7 @@ class Agent:
         self._energy_booked: set[tuple[str, int]] = set()
         # Jobs that killed the worker, and how often; two strikes and the job is not run here.
         self._worker_crashes: Counter[str] = Counter()
-        self._load_sample: tuple[float, float] | None = None
-        self._last_load = 0.0
+        self._load_window: deque[tuple[float, float]] = deque()
         self._power_samples: list[float] = []
         self._idle_power_w: float | None = None
         self.governor = PowerGovernor(cap_w=config.limits.power_cap_w, idle_w=0.0)
@@ -207,24 +207,25 @@ class Agent:
         )
 
     def compute_load(self) -> float:
-        """The worker's measured CPU use since the last call, as a fraction of its threads.
+        """The worker's measured CPU use over the last ~100 ms, as a fraction of its threads.
 
         This drives the emulated car's compute power, so on the emulator the power
-        governor closes its loop over real CPU time, not over its own commands.
+        governor closes its loop over real CPU time, not over its own commands. The
+        window spans one duty-cycle slot, as a real sensor's averaging would.
         """
         cpu = self._engine.cpu_seconds()
         now = time.monotonic()
         if cpu is None:
-            self._load_sample = None
-            self._last_load = 0.0
+            self._load_window.clear()
             return 0.0
-        last, self._load_sample = self._load_sample, (now, cpu)
-        if last is not None and now - last[0] >= 0.02:
-            used = (cpu - last[1]) / (now - last[0]) / self._engine.threads
-            self._last_load = max(0.0, min(1.0, used))
-        elif last is not None:
-            self._load_sample = last  # too short to measure: keep the longer window
-        return self._last_load
+        window = self._load_window
+        window.append((now, cpu))
+        while len(window) > 2 and now - window[1][0] >= LOAD_WINDOW_S:
+            window.popleft()
+        t0, c0 = window[0]
+        if now - t0 <= 0:
+            return 0.0
+        return max(0.0, min(1.0, (cpu - c0) / (now - t0) / self._engine.threads))
 
     def observe(self, now: float) -> GateDecision:
         """One look at the car: account energy, evaluate the gate, react to a change."""
@@ -286,6 +287,7 @@ class Agent:
     async def _govern_power(self) -> None:
         """Every control period, set the duty cycle from the average compute power measured."""
         period = self.config.agent.governor_period_s
+        governed_job: tuple[str, int] | None = None
         while True:
             await asyncio.sleep(period)
             if self.governor.cap_w != self.config.limits.power_cap_w:
@@ -293,7 +295,10 @@ class Agent:
             if self._idle_power_w is not None:
                 self.governor.idle_w = self._idle_power_w
             samples, self._power_samples = self._power_samples, []
-            if self._current is None or not samples:
+            running = self._running_key()
+            fresh, governed_job = running != governed_job, running
+            # The first period of a job includes the worker starting: not the plant to learn.
+            if running is None or not samples or fresh:
                 continue
             applied = self.governor.duty
             duty = self.governor.update(sum(samples) / len(samples), applied)

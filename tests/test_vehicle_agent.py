@@ -93,9 +93,10 @@ async def test_result_reports_the_energy_the_job_used_and_the_ledger_keeps_it(
         today_wh = agent.energy.today_wh
     body = _open_result(obs.results[0], files, fleet, raw_job)
     assert body.energy_wh is not None and body.energy_wh > 0
-    # The emulated module draws compute_max_w (30 W) while a job runs.
-    expected = 30.0 * body.runtime_ms / 1000 / 3600
-    assert body.energy_wh == pytest.approx(expected, rel=0.5, abs=30.0 * 0.05 / 3600)
+    # The emulated module draws between its idle 4 W and its full 30 W while a job runs
+    # (the default 15 W cap holds it near 15 W once the governor has its measure).
+    hours = body.runtime_ms / 1000 / 3600
+    assert 4.0 * hours * 0.5 <= body.energy_wh <= 30.0 * hours * 1.1
     ledger = EnergyLedger(files.config_path.parent / "state" / "state.db")
     assert ledger.job_wh("job-1", 1) == pytest.approx(body.energy_wh)
     assert ledger.day_total(today) == pytest.approx(today_wh)

@@ -88,17 +88,18 @@ class WorkerEngine:
         return self._paused_since is not None
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the worker so far (from /proc), or None without one."""
+        """CPU time the worker's threads have run so far (ns-precise, from schedstat), or None."""
         pid = self.pid
         if pid is None:
             return None
+        total = 0
         try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                    total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
             return None
-        ticks = os.sysconf("SC_CLK_TCK")
-        return (int(fields[11]) + int(fields[12])) / ticks
+        return total / 1e9
 
     # ---- lifecycle ---------------------------------------------------------
 
@@ -123,10 +124,15 @@ class WorkerEngine:
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
                 ready = await self._read_header(proc)
-        except (TimeoutError, WireError):
+        except (TimeoutError, WireError) as exc:
             self.kill()
             await self._reap()
-            raise WireError(Reason.WORKER_CRASHED, "the inference worker did not start") from None
+            why = (
+                exc.detail if isinstance(exc, WireError) else f"no answer in {_START_TIMEOUT_S:g} s"
+            )
+            raise WireError(
+                Reason.WORKER_CRASHED, f"the inference worker did not start: {why}"
+            ) from None
         self._log.info("worker_started", pid=ready.get("pid"), memory_mb=self.memory_mb)
         return proc
 

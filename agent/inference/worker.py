@@ -62,7 +62,9 @@ class Runtime:
         with open(spec["path"], "rb") as f:
             data = f.read(int(spec["size"]) + 1)
         if len(data) != spec["size"] or hashlib.sha256(data).hexdigest() != digest:
-            raise _RefusedError("model_mismatch", f"{spec['path']} does not match its pinned digest")
+            raise _RefusedError(
+                "model_mismatch", f"{spec['path']} does not match its pinned digest"
+            )
         opts = self._ort.SessionOptions()
         opts.intra_op_num_threads = self._threads
         opts.inter_op_num_threads = 1

@@ -1,0 +1,239 @@
+"""The inference worker with real onnxruntime: results, deadline, memory limit, crashes, preemption."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.core.admission import HeldModel, InputSpec
+from agent.inference.engine import WorkerEngine
+from agent.wire.errors import Reason, WireError
+from agent.wire.tensors import Tensor
+from tests.support import (
+    BURN,
+    DIGITS,
+    MODELS,
+    burn_spec,
+    holdout,
+    observing,
+    running_agent,
+    signed,
+    wait_for,
+    write_vehicle,
+)
+
+BURN_MODEL = HeldModel(
+    "burn",
+    BURN["sha256"],
+    BURN["size"],
+    {"x": InputSpec("float32", (1, 256)), "rows_by_256": InputSpec("int64", (2,))},
+)
+DIGITS_MODEL = HeldModel(
+    "digits", DIGITS["sha256"], DIGITS["size"], {"X": InputSpec("float32", (None, 64))}
+)
+
+
+def burn_inputs(rows: int) -> dict[str, Tensor]:
+    return {
+        "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
+        "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
+    }
+
+
+def proc_state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T, Z...), or 'gone'."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0].decode()
+    except (FileNotFoundError, ProcessLookupError):
+        return "gone"
+
+
+async def test_worker_runs_the_model_like_onnxruntime():
+    """Outputs from the worker equal onnxruntime's own, and the session is reused across jobs."""
+    import onnxruntime as ort
+
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    x = holdout()[0][:8]
+    try:
+        out = await engine.run(
+            DIGITS_MODEL, MODELS / "digits.onnx", {"X": Tensor.from_numpy(x)}, deadline_s=30
+        )
+        again = await engine.run(
+            DIGITS_MODEL, MODELS / "digits.onnx", {"X": Tensor.from_numpy(x)}, deadline_s=30
+        )
+    finally:
+        await engine.stop()
+    local = ort.InferenceSession(str(MODELS / "digits.onnx")).run(None, {"X": x})
+    assert out["label"].to_numpy().tolist() == local[0].tolist()
+    np.testing.assert_allclose(out["probabilities"].to_numpy(), local[1], rtol=1e-6)
+    assert again["label"].to_numpy().tolist() == local[0].tolist()
+    assert engine.starts == 1
+
+
+async def test_deadline_kills_the_worker_and_the_next_job_runs():
+    """A job past max_runtime_s fails with deadline_exceeded; its worker is gone; the next job runs."""
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    try:
+        with pytest.raises(WireError) as err:
+            await engine.run(BURN_MODEL, MODELS / "burn.onnx", burn_inputs(200_000), deadline_s=0.5)
+        assert err.value.reason is Reason.DEADLINE
+        assert engine.pid is None
+        out = await engine.run(BURN_MODEL, MODELS / "burn.onnx", burn_inputs(10), deadline_s=30)
+        assert out["y"].shape == (256,)
+    finally:
+        await engine.stop()
+
+
+async def test_memory_blowup_fails_the_job_not_the_daemon():
+    """A model asking for more memory than the worker's limit fails with memory_limit or a dead worker."""
+    engine = WorkerEngine(threads=1, memory_mb=1024)
+    try:
+        with pytest.raises(WireError) as err:
+            # Expand to 4,000,000 x 256 floats: 4 GB, far past a 1 GB address-space limit.
+            await engine.run(
+                BURN_MODEL, MODELS / "burn.onnx", burn_inputs(4_000_000), deadline_s=60
+            )
+        assert err.value.reason in (Reason.MEMORY_LIMIT, Reason.WORKER_CRASHED)
+        out = await engine.run(BURN_MODEL, MODELS / "burn.onnx", burn_inputs(10), deadline_s=30)
+        assert out["y"].shape == (256,)
+    finally:
+        await engine.stop()
+
+
+async def test_swapped_model_file_is_refused_by_the_worker(tmp_path):
+    """The worker hashes the bytes it loads: a file that does not match its pin is never run."""
+    fake = tmp_path / "burn.onnx"
+    fake.write_bytes((MODELS / "digits.onnx").read_bytes())
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    try:
+        with pytest.raises(WireError) as err:
+            await engine.run(BURN_MODEL, fake, burn_inputs(10), deadline_s=30)
+        assert err.value.reason is Reason.MODEL_MISMATCH
+    finally:
+        await engine.stop()
+
+
+async def test_kill_stops_compute_at_once():
+    """kill() during a run leaves a worker that uses no more CPU: stopped or gone at once."""
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    try:
+        run = asyncio.ensure_future(
+            engine.run(BURN_MODEL, MODELS / "burn.onnx", burn_inputs(500_000), deadline_s=60)
+        )
+        await wait_for(lambda: (engine.cpu_seconds() or 0) > 0.3, what="worker busy")
+        pid = engine.pid
+        assert pid is not None
+        engine.kill()
+        assert proc_state(pid) in ("T", "Z", "gone")
+        with pytest.raises(WireError):
+            await run
+        assert proc_state(pid) == "gone"
+    finally:
+        await engine.stop()
+
+
+async def test_pause_holds_cpu_and_does_not_count_against_the_deadline():
+    """A paused worker uses no CPU, and paused time is not counted toward max_runtime_s."""
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    try:
+        run = asyncio.ensure_future(
+            engine.run(BURN_MODEL, MODELS / "burn.onnx", burn_inputs(25_000), deadline_s=3.0)
+        )
+        await wait_for(lambda: (engine.cpu_seconds() or 0) > 0.2, what="worker busy")
+        engine.pause()
+        before = engine.cpu_seconds()
+        await asyncio.sleep(3.0)
+        assert engine.cpu_seconds() == pytest.approx(before, abs=0.02)
+        engine.resume()
+        out = await run
+        assert out["y"].shape == (256,)
+    finally:
+        await engine.stop()
+
+
+@pytest.mark.broker
+async def test_job_that_crashes_the_worker_twice_is_not_run_again(mosquitto, fleet, tmp_path):
+    """A worker killed under a job (as a crashing model would) fails it; after two crashes the
+    same job id is refused here as poison, and the agent keeps serving other jobs."""
+    files = write_vehicle(tmp_path, "veh-crash", port=mosquitto.port, fleet=fleet)
+    async with observing(mosquitto.port, "veh-crash") as obs, running_agent(files) as agent:
+        for attempt in (1, 2):
+            warm = f"warm-{attempt}"  # a started worker, so the kill lands mid-job
+            await obs.send_job(
+                signed(burn_spec(fleet, "veh-crash", rows=10, job_id=warm), fleet.job_key)
+            )
+            await wait_for(lambda w=warm: "succeeded" in obs.kinds(w), what="worker warm")
+            await obs.send_job(
+                signed(burn_spec(fleet, "veh-crash", rows=500_000, attempt=attempt), fleet.job_key)
+            )
+            await wait_for(lambda: agent._engine.busy, what="busy")
+            base = agent._engine.cpu_seconds() or 0.0
+            await wait_for(lambda b=base: (agent._engine.cpu_seconds() or 0) > b + 0.2, what="run")
+            os.kill(agent._engine.pid, signal.SIGSEGV)
+            await wait_for(
+                lambda a=attempt: [
+                    e for e in obs.events if e["kind"] == "failed" and e["attempt"] == a
+                ],
+                what="failed",
+            )
+        failed = [e for e in obs.events if e["kind"] == "failed"]
+        assert [e["reason"] for e in failed] == ["worker_crashed", "worker_crashed"]
+        assert "SIGSEGV" in failed[0]["detail"]
+        assert "not run here again" in failed[1]["detail"]
+        await obs.send_job(signed(burn_spec(fleet, "veh-crash", rows=10, attempt=3), fleet.job_key))
+        await wait_for(lambda: "rejected" in obs.kinds(), what="poison rejected")
+        assert [e["reason"] for e in obs.events if e["kind"] == "rejected"] == ["poison_job"]
+        await obs.send_job(
+            signed(burn_spec(fleet, "veh-crash", rows=10, job_id="job-2"), fleet.job_key)
+        )
+        await wait_for(lambda: "succeeded" in obs.kinds("job-2"), what="next job runs")
+        assert len(obs.results) == 3, "the two warm-up jobs and job-2"
+
+
+@pytest.mark.broker
+async def test_gate_close_preempts_the_real_worker_at_once(mosquitto, fleet, tmp_path):
+    """Leaving park while a job runs: the worker stops using CPU at once, the job is preempted and
+    handed back, and no result is published."""
+    files = write_vehicle(tmp_path, "veh-pre", port=mosquitto.port, fleet=fleet)
+    async with observing(mosquitto.port, "veh-pre") as obs, running_agent(files) as agent:
+        await obs.send_job(signed(burn_spec(fleet, "veh-pre", rows=500_000), fleet.job_key))
+        await wait_for(lambda: (agent._engine.cpu_seconds() or 0) > 0.2, what="worker busy")
+        pid = agent._engine.pid
+        t0 = time.perf_counter()
+        agent.set_vehicle({"gear": "D"})
+        state = proc_state(pid)
+        elapsed = time.perf_counter() - t0
+        assert state in ("T", "Z", "gone"), f"worker still {state} after {elapsed * 1000:.1f} ms"
+        await wait_for(lambda: "preempted" in obs.kinds(), what="preempted event")
+        assert next(e for e in obs.events if e["kind"] == "preempted")["reason"] == "not_parked"
+        await asyncio.sleep(0.3)
+        assert obs.results == []
+        assert agent.status()["current_job"] is None
+
+
+@pytest.mark.broker
+async def test_power_cap_holds_on_the_real_worker(mosquitto, fleet, tmp_path):
+    """With the cap at half the emulated module's full power, a long job's measured compute power
+    averages at or under the cap (the governor duty-cycles the real worker)."""
+    files = write_vehicle(
+        tmp_path, "veh-cap", port=mosquitto.port, fleet=fleet, limits="power_cap_w = 15.0"
+    )
+    async with observing(mosquitto.port, "veh-cap") as obs, running_agent(files) as agent:
+        samples: list[float] = []
+        await obs.send_job(signed(burn_spec(fleet, "veh-cap", rows=60_000), fleet.job_key))
+        await wait_for(lambda: agent.status()["current_job"] is not None, what="job running")
+        await asyncio.sleep(1.5)  # the governor's first look
+        while agent.status()["current_job"] is not None and len(samples) < 60:
+            samples.append(agent.last_snapshot.compute_power_w)
+            await asyncio.sleep(0.07)  # not a multiple of the 0.1 s duty slot
+        assert len(samples) >= 10
+        mean = sum(samples) / len(samples)
+        assert mean <= 15.0 * 1.08
+        assert mean >= 15.0 * 0.6, "capped, not stalled"
+        assert 0.25 < agent.governor.duty < 0.6
