@@ -83,6 +83,14 @@ def gate_policy(config: AgentConfig) -> GatePolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class _Finished:
+    item: AcceptedJob
+    outputs: dict[str, Tensor]
+    runtime_ms: float
+    energy_wh: float
+
+
+@dataclass(frozen=True, slots=True)
 class AcceptedJob:
     job: JobSpec
     model: HeldModel
@@ -132,6 +140,7 @@ class Agent:
         self.last_snapshot: VehicleSnapshot | None = None
         self._capacity = config.agent.capacity
         self._queue: asyncio.Queue[AcceptedJob] = asyncio.Queue(maxsize=self._capacity)
+        self._deliveries: asyncio.Queue[_Finished] = asyncio.Queue(maxsize=self._capacity)
         # Replay record: (job_id, attempt) of every job seen. In memory for now.
         self._seen: set[tuple[str, int]] = set()
         self._client: aiomqtt.Client | None = None
@@ -157,6 +166,7 @@ class Agent:
                 tg.create_task(self._watch_vehicle(), name="vehicle-watch")
                 tg.create_task(self._stay_connected(), name="mqtt-connection")
                 tg.create_task(self._execute(), name="job-executor")
+                tg.create_task(self._deliver_results(), name="result-publisher")
                 tg.create_task(self._stop_when(stop), name="stop-watch")
                 tg.create_task(self._serve_control(), name="control-socket")
                 tg.create_task(self._govern_power(), name="power-governor")
@@ -181,6 +191,7 @@ class Agent:
         try:
             async with asyncio.timeout(max(grace, 1.0)):
                 await self._executor_idle.wait()
+                await self._deliveries.join()  # finished results are flushed, not dropped
         except TimeoutError:
             self._log.warning("executor_not_idle_at_shutdown")
         # Phase 2: hand back what was accepted but not started.
@@ -620,13 +631,29 @@ class Agent:
             await self._event_soon(job, EventKind.FAILED, err.reason.value, detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
-        energy_wh = await self._close_energy(item, "succeeded")
-        sealed = self._seal(item, outputs, runtime_ms, energy_wh)
-        await self._publish(topic(self.vehicle_id, Channel.RESULTS), sealed)
-        await self._event_soon(job, EventKind.SUCCEEDED, detail=f"runtime_ms={runtime_ms:.2f}")
+        energy_wh = self._book_energy(item)
+        # Compute is done: sealing and publishing overlap with the next job's compute.
+        await self._deliveries.put(_Finished(item, outputs, runtime_ms, energy_wh))
 
-    async def _close_energy(self, item: AcceptedJob, outcome: str) -> float:
-        """Book the job's energy (a last sample at its end) in the meter and the ledger."""
+    async def _deliver_results(self) -> None:
+        """Seal, sign and publish finished jobs, in order, off the executor's path."""
+        while True:
+            done = await self._deliveries.get()
+            try:
+                job = done.item.job
+                await self._record_energy(done.item, done.energy_wh, "succeeded")
+                sealed = await asyncio.to_thread(
+                    self._seal, done.item, done.outputs, done.runtime_ms, done.energy_wh
+                )
+                await self._publish(topic(self.vehicle_id, Channel.RESULTS), sealed)
+                await self._event_soon(
+                    job, EventKind.SUCCEEDED, detail=f"runtime_ms={done.runtime_ms:.2f}"
+                )
+            finally:
+                self._deliveries.task_done()
+
+    def _book_energy(self, item: AcceptedJob) -> float:
+        """Close the job's energy account in the meter (a last sample at its end)."""
         key = (item.job.job_id, item.job.attempt)
         if key in self._energy_booked:
             return self.energy.job_wh(key)
@@ -634,17 +661,25 @@ class Agent:
         now = self._clock()
         power = self.last_snapshot.compute_power_w if self.last_snapshot else 0.0
         self.energy.sample(now, power, self._local(now).date().isoformat(), key)
-        wh = self.energy.close_job(key)
+        return self.energy.close_job(key)
+
+    async def _record_energy(self, item: AcceptedJob, wh: float, outcome: str) -> None:
+        job = item.job
         await asyncio.to_thread(
             self._ledger.record_job,
-            key[0],
-            key[1],
+            job.job_id,
+            job.attempt,
             self.energy.day,
             wh,
-            now,
+            self._clock(),
             outcome,
             self.energy.today_wh,
         )
+
+    async def _close_energy(self, item: AcceptedJob, outcome: str) -> float:
+        """Book and record the energy of a job that ended without a result."""
+        wh = self._book_energy(item)
+        await self._record_energy(item, wh, outcome)
         return wh
 
     def _seal(

@@ -23,7 +23,7 @@ from agent.wire.keys import KeyRing
 from agent.wire.messages import ResultBody, SealedResult
 from agent.wire.sealing import open_sealed, result_info
 
-MAX_RESULT_BYTES = 2 * 1024 * 1024
+MAX_RESULT_BYTES = 16 * 1024 * 1024
 
 DigestLookup = Callable[[str, int, str], str | None]
 
