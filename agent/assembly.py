@@ -41,7 +41,13 @@ def build_vehicle(config: AgentConfig, emulated: EmulatedVehicle) -> VehicleSign
         power = discover_power(root, config.sensors.power, config.sensors.vcgencmd)
     except SensorError as exc:
         raise StartupError(f"sensors.power = {config.sensors.power!r}: {exc}") from None
-    return HostVehicle(emulated, thermal=thermal, mains=mains, power=power)
+    return HostVehicle(
+        emulated,
+        thermal=thermal,
+        mains=mains,
+        power=power,
+        compute_max_w=config.sensors.compute_max_w,
+    )
 
 
 def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) -> Agent:

@@ -110,6 +110,7 @@ class SensorsSection(_Section):
     sysfs_root: Path = Path("/")
     power: Literal["auto", "rapl", "ina3221", "pmic", "none"] = "auto"
     vcgencmd: str = "vcgencmd"
+    compute_max_w: float | None = Field(default=None, gt=0, le=2000)
 
 
 class LimitsSection(_Section):

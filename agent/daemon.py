@@ -42,6 +42,7 @@ from agent.state.ledger import EnergyLedger
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
 from agent.wire import envelope
+from agent.wire.bundle import encode_result_body, sign_result
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing, x25519_public
@@ -56,6 +57,7 @@ from agent.wire.messages import (
     VehicleStatus,
     WorkRequest,
 )
+from agent.wire.mqtt import NO_DELAY
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
@@ -258,6 +260,9 @@ class Agent:
             self._idle_power_w = (
                 snap.compute_power_w if idle is None else idle + 0.1 * (snap.compute_power_w - idle)
             )
+            self.governor.idle_w = self._idle_power_w
+            if snap.compute_max_w is not None:
+                self.governor.assume_full_power(snap.compute_max_w)
         if snap.faults and decision.changed:
             self._log.error("sensor_fault", faults=list(snap.faults))
         if decision.changed:
@@ -303,8 +308,6 @@ class Agent:
             await asyncio.sleep(period)
             if self.governor.cap_w != self.config.limits.power_cap_w:
                 self.governor.set_cap(self.config.limits.power_cap_w)
-            if self._idle_power_w is not None:
-                self.governor.idle_w = self._idle_power_w
             samples, self._power_samples = self._power_samples, []
             running = self._running_key()
             fresh, governed_job = running != governed_job, running
@@ -436,6 +439,7 @@ class Agent:
             max_inflight_messages=20,
             properties=props,
             timeout=10,
+            socket_options=NO_DELAY,
         )
 
     async def _stay_connected(self) -> None:
@@ -697,7 +701,7 @@ class Agent:
             energy_wh=energy_wh,
         )
         info = result_info(job.job_id, job.attempt, self.vehicle_id, item.digest)
-        ciphertext = seal(dump_model(body), x25519_public(job.requester_key), info)
+        ciphertext = seal(encode_result_body(body), x25519_public(job.requester_key), info)
         sealed = SealedResult(
             job_id=job.job_id,
             attempt=job.attempt,
@@ -706,7 +710,7 @@ class Agent:
             suite=SUITE,
             ciphertext=ciphertext,
         )
-        return envelope.sign(envelope.RESULT_TYPE, dump_model(sealed), self._key)
+        return sign_result(sealed, self._key)
 
     # ---- out --------------------------------------------------------------
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.wire import envelope
-from agent.wire.codec import parse_model
+from agent.wire.bundle import decode_result_body, verify_result
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing
-from agent.wire.messages import ResultBody, SealedResult
+from agent.wire.messages import ResultBody
 from agent.wire.sealing import open_sealed, result_info
 
 MAX_RESULT_BYTES = 16 * 1024 * 1024
@@ -62,12 +61,7 @@ class Collector:
         ring = self._vehicles.get(vehicle_id)
         if ring is None:
             raise WireError(Reason.UNKNOWN_KEY, f"no registered key for vehicle {vehicle_id}")
-        verified = envelope.verify(
-            raw, payload_type=envelope.RESULT_TYPE, trusted=ring, max_bytes=MAX_RESULT_BYTES
-        )
-        sealed = parse_model(
-            verified.payload, SealedResult, what="sealed result", reason=Reason.MALFORMED_PAYLOAD
-        )
+        sealed, _ = verify_result(raw, trusted=ring, max_bytes=MAX_RESULT_BYTES)
         if sealed.vehicle_id != vehicle_id:
             raise WireError(
                 Reason.WRONG_VEHICLE, f"result names {sealed.vehicle_id}, came from {vehicle_id}"
@@ -81,7 +75,7 @@ class Collector:
             )
         info = result_info(sealed.job_id, sealed.attempt, vehicle_id, digest)
         plaintext = open_sealed(sealed.ciphertext, self._requester, info)
-        body = parse_model(plaintext, ResultBody, what="result", reason=Reason.MALFORMED_PAYLOAD)
+        body = decode_result_body(plaintext)
         if (body.job_id, body.attempt, body.vehicle_id) != (
             sealed.job_id,
             sealed.attempt,

@@ -24,6 +24,7 @@ from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import key_id
 from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, WorkRequest
+from agent.wire.mqtt import NO_DELAY
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
 from broker.queue import JobQueue, Lease
@@ -69,6 +70,7 @@ class FleetNode:
             identifier=f"fleet-{self._issuer}",
             protocol=aiomqtt.ProtocolVersion.V5,
             max_queued_incoming_messages=10_000,
+            socket_options=NO_DELAY,
         ) as client:
             for channel in (Channel.WORK, Channel.EVENTS, Channel.STATUS, Channel.RESULTS):
                 await client.subscribe(all_vehicles(channel), qos=1)

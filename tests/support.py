@@ -22,6 +22,7 @@ from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.keys import KeyRing, key_id, raw_public, write_private_key
 from agent.wire.messages import JobSpec, Limits, ModelRef
+from agent.wire.mqtt import NO_DELAY
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 
@@ -204,7 +205,9 @@ class Observer:
 
 @contextlib.asynccontextmanager
 async def observing(port: int, vehicle_id: str) -> AsyncIterator[Observer]:
-    async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NO_DELAY
+    ) as client:
         for ch in (Channel.EVENTS, Channel.RESULTS, Channel.WORK):
             await client.subscribe(topic(vehicle_id, ch), qos=1)
         obs = Observer(client, vehicle_id)

@@ -7,10 +7,8 @@ import onnxruntime as ort
 import pytest
 
 from agent.wire import envelope
-from agent.wire.codec import parse_model
-from agent.wire.errors import Reason
+from agent.wire.bundle import decode_result_body, verify_result
 from agent.wire.keys import KeyRing
-from agent.wire.messages import ResultBody, SealedResult
 from agent.wire.sealing import open_sealed, result_info
 from tests.support import (
     MODELS,
@@ -37,13 +35,9 @@ async def test_job_runs_and_result_decrypts_to_local_prediction(mosquitto, fleet
         await wait_for(lambda: obs.results, what="a result")
         await wait_for(lambda: "succeeded" in obs.kinds(), what="succeeded event")
 
-    verified = envelope.verify(
-        obs.results[0],
-        payload_type=envelope.RESULT_TYPE,
-        trusted=KeyRing.of(files.key.public_key()),
-        max_bytes=1 << 20,
+    sealed, _ = verify_result(
+        obs.results[0], trusted=KeyRing.of(files.key.public_key()), max_bytes=1 << 22
     )
-    sealed = parse_model(verified.payload, SealedResult, what="r", reason=Reason.MALFORMED_PAYLOAD)
     digest = envelope.digest_of(
         envelope.JOB_TYPE,
         envelope.verify(
@@ -54,12 +48,8 @@ async def test_job_runs_and_result_decrypts_to_local_prediction(mosquitto, fleet
         ).payload,
     )
     assert sealed.job_digest == digest
-    body = parse_model(
-        open_sealed(sealed.ciphertext, fleet.requester, result_info("job-1", 1, "veh-e2e", digest)),
-        ResultBody,
-        what="b",
-        reason=Reason.MALFORMED_PAYLOAD,
-    )
+    info = result_info("job-1", 1, "veh-e2e", digest)
+    body = decode_result_body(open_sealed(sealed.ciphertext, fleet.requester, info))
     local = ort.InferenceSession(str(MODELS / "digits.onnx")).run(None, {"X": x})
     assert body.outputs["label"].to_numpy().tolist() == local[0].tolist()
     np.testing.assert_allclose(body.outputs["probabilities"].to_numpy(), local[1], rtol=1e-6)

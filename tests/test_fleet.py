@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.wire import envelope
-from agent.wire.codec import dump_model
+from agent.wire.bundle import encode_result_body, sign_result
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import raw_public
 from agent.wire.messages import SUITE, Limits, ResultBody, SealedResult
@@ -103,7 +103,7 @@ class _Sent:
 
     def sealed(self, *, job_id: str = "job-1", body: bytes | None = None) -> SealedResult:
         info = result_info(job_id, 1, "veh-1", self.digest)
-        ct = seal(body or dump_model(self.body), self.requester.public_key(), info)
+        ct = seal(body or encode_result_body(self.body), self.requester.public_key(), info)
         return SealedResult(
             job_id=job_id,
             attempt=1,
@@ -114,7 +114,7 @@ class _Sent:
         )
 
     def raw(self, sealed: SealedResult, key: Ed25519PrivateKey | None = None) -> bytes:
-        return envelope.sign(envelope.RESULT_TYPE, dump_model(sealed), key or self.vehicle)
+        return sign_result(sealed, key or self.vehicle)
 
     def collector(self) -> Collector:
         sent = {("job-1", 1, "veh-1"): self.digest, ("job-2", 1, "veh-1"): "e" * 64}
@@ -136,17 +136,29 @@ def test_collector_accepts_once_and_counts_duplicates():
 
 
 def _moved_to_other_job(s: _Sent) -> bytes:
-    sealed = json.loads(dump_model(s.sealed()))
-    sealed["job_id"] = "job-2"
-    return envelope.sign(envelope.RESULT_TYPE, json.dumps(sealed).encode(), s.vehicle)
+    return sign_result(s.sealed().model_copy(update={"job_id": "job-2"}), s.vehicle)
 
 
-def _ciphertext_byte_flipped(s: _Sent) -> bytes:
-    sealed = json.loads(dump_model(s.sealed()))
-    ct = bytearray(base64.b64decode(sealed["ciphertext"]))
+def _ciphertext_flipped_then_signed(s: _Sent) -> bytes:
+    sealed = s.sealed()
+    ct = bytearray(sealed.ciphertext)
     ct[40] ^= 1
-    sealed["ciphertext"] = base64.b64encode(bytes(ct)).decode()
-    return envelope.sign(envelope.RESULT_TYPE, json.dumps(sealed).encode(), s.vehicle)
+    return sign_result(sealed.model_copy(update={"ciphertext": bytes(ct)}), s.vehicle)
+
+
+def _ciphertext_flipped_on_the_wire(s: _Sent) -> bytes:
+    raw = bytearray(s.raw(s.sealed()))
+    raw[-5] ^= 1
+    return bytes(raw)
+
+
+def _header_signed_as_a_job(s: _Sent) -> bytes:
+    raw = s.raw(s.sealed())
+    n = int.from_bytes(raw[4:8], "little")
+    env = json.loads(raw[8 : 8 + n])
+    header = base64.b64decode(env["payload"])
+    resigned = envelope.sign(envelope.JOB_TYPE, header, s.vehicle)
+    return raw[:4] + len(resigned).to_bytes(4, "little") + resigned + raw[8 + n :]
 
 
 @pytest.mark.parametrize(
@@ -160,20 +172,20 @@ def _ciphertext_byte_flipped(s: _Sent) -> bytes:
         (lambda s: s.raw(s.sealed()), "veh-9", Reason.UNKNOWN_KEY),
         (_moved_to_other_job, "veh-1", Reason.UNKNOWN_JOB),
         (lambda s: s.raw(s.sealed(job_id="job-3")), "veh-1", Reason.UNKNOWN_JOB),
-        (_ciphertext_byte_flipped, "veh-1", Reason.BAD_CIPHERTEXT),
-        (
-            lambda s: envelope.sign(envelope.JOB_TYPE, dump_model(s.sealed()), s.vehicle),
-            "veh-1",
-            Reason.WRONG_PAYLOAD_TYPE,
-        ),
+        (_ciphertext_flipped_then_signed, "veh-1", Reason.BAD_CIPHERTEXT),
+        (_ciphertext_flipped_on_the_wire, "veh-1", Reason.BAD_SIGNATURE),
+        (_header_signed_as_a_job, "veh-1", Reason.WRONG_PAYLOAD_TYPE),
+        (lambda s: b"EFB1\x00", "veh-1", Reason.MALFORMED_PAYLOAD),
     ],
     ids=[
         "not-signed-by-vehicle",
         "unregistered-vehicle",
         "moved-to-other-job",
         "never-sent",
-        "ciphertext-flipped",
+        "ciphertext-flipped-then-signed",
+        "ciphertext-flipped-on-the-wire",
         "wrong-type",
+        "truncated",
     ],
 )
 def test_collector_refuses_tampered_results(make, topic_vehicle, reason):

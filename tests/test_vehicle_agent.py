@@ -15,11 +15,9 @@ import pytest
 from agent.cli import main as agent_cli
 from agent.control import request
 from agent.state.ledger import EnergyLedger
-from agent.wire import envelope
-from agent.wire.codec import parse_model
-from agent.wire.errors import Reason
+from agent.wire.bundle import decode_result_body, verify_result
 from agent.wire.keys import KeyRing
-from agent.wire.messages import ResultBody, SealedResult
+from agent.wire.messages import ResultBody
 from agent.wire.sealing import open_sealed, result_info
 from tests.support import (
     burn_spec,
@@ -35,20 +33,9 @@ pytestmark = pytest.mark.broker
 
 
 def _open_result(raw: bytes, files, fleet, raw_job: bytes) -> ResultBody:
-    verified = envelope.verify(
-        raw,
-        payload_type=envelope.RESULT_TYPE,
-        trusted=KeyRing.of(files.key.public_key()),
-        max_bytes=1 << 22,
-    )
-    sealed = parse_model(verified.payload, SealedResult, what="r", reason=Reason.MALFORMED_PAYLOAD)
+    sealed, _ = verify_result(raw, trusted=KeyRing.of(files.key.public_key()), max_bytes=1 << 22)
     info = result_info(sealed.job_id, sealed.attempt, sealed.vehicle_id, sealed.job_digest)
-    return parse_model(
-        open_sealed(sealed.ciphertext, fleet.requester, info),
-        ResultBody,
-        what="b",
-        reason=Reason.MALFORMED_PAYLOAD,
-    )
+    return decode_result_body(open_sealed(sealed.ciphertext, fleet.requester, info))
 
 
 async def test_unplugged_mid_job_preempts_and_stops_asking_for_work(mosquitto, fleet, tmp_path):

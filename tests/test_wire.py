@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.wire import envelope
+from agent.wire.bundle import decode_result_body, encode_result_body, sign_result, verify_result
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing
-from agent.wire.messages import JobSpec
+from agent.wire.messages import SUITE, JobSpec, ResultBody, SealedResult
 from agent.wire.sealing import open_sealed, result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, check_vehicle_id, parse_topic, topic
@@ -237,3 +238,69 @@ def test_topics_round_trip():
         assert parse_topic(topic("veh-1", channel)) == ("veh-1", channel)
     assert parse_topic("fleet/v1/vehicles/veh-1/other") is None
     assert parse_topic("elsewhere/v1/vehicles/veh-1/jobs") is None
+
+
+def _body(**kw: object) -> ResultBody:
+    base: dict[str, object] = dict(
+        job_id="job-1",
+        attempt=2,
+        vehicle_id="veh-1",
+        model_sha256="a" * 64,
+        outputs={
+            "label": Tensor.from_numpy(np.array([3, 1], np.int64)),
+            "probabilities": Tensor.from_numpy(np.ones((2, 10), np.float32)),
+        },
+        runtime_ms=1.5,
+        finished_at=10.0,
+        energy_wh=0.001,
+    )
+    base.update(kw)
+    return ResultBody(**base)  # type: ignore[arg-type]
+
+
+def test_result_bundles_round_trip_with_raw_bytes():
+    """Bodies and sealed results survive their binary bundles exactly, with no base64 inside."""
+    body = _body()
+    raw = encode_result_body(body)
+    assert decode_result_body(raw) == body
+    assert body.outputs["probabilities"].data in raw, "tensor bytes are carried raw"
+    sealed = SealedResult(
+        job_id="job-1",
+        attempt=2,
+        vehicle_id="veh-1",
+        job_digest="b" * 64,
+        suite=SUITE,
+        ciphertext=b"\x00\xff" * 100,
+    )
+    message = sign_result(sealed, KEY)
+    assert sealed.ciphertext in message, "the ciphertext is carried raw, not base64'd"
+    assert verify_result(message, trusted=RING, max_bytes=1 << 20)[0] == sealed
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        (lambda raw: b"XXXX" + raw[4:], "bad magic"),
+        (lambda raw: raw[:4] + b"\xff\xff\xff\x7f" + raw[8:], "header length"),
+        (lambda raw: raw[:-1], "bundle carries"),
+        (lambda raw: raw + b"\x00", "bundle carries"),
+        (lambda raw: raw[:6], "bad magic"),
+    ],
+    ids=["magic", "header-length", "short", "long", "truncated"],
+)
+def test_bad_bundles_are_typed_errors(mutate, needle):
+    """Damaged bundles fail with MALFORMED_PAYLOAD saying what is wrong."""
+    with pytest.raises(WireError) as err:
+        decode_result_body(mutate(encode_result_body(_body())))
+    assert err.value.reason is Reason.MALFORMED_PAYLOAD
+    assert needle in err.value.detail or needle == "bad magic"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_bundle_decoders_give_only_typed_errors(raw):
+    """Arbitrary bytes never raise anything but WireError from either bundle decoder."""
+    with pytest.raises(WireError):
+        decode_result_body(b"EFB1" + raw)
+    with pytest.raises(WireError):
+        verify_result(b"EFB1" + raw, trusted=RING, max_bytes=1 << 20)

@@ -132,7 +132,7 @@ async def test_kill_stops_compute_at_once():
         engine.kill()
         deadline = time.monotonic() + 1.0
         while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # noqa: ASYNC251 - a tight poll that must not yield to the agent
         assert proc_state(pid) in ("T", "Z", "gone")
         with pytest.raises(WireError):
             await run
@@ -212,7 +212,7 @@ async def test_gate_close_preempts_the_real_worker_at_once(mosquitto, fleet, tmp
         # How fast is for `make bench` to measure; here: it stops, without waiting on the job.
         deadline = time.monotonic() + 1.0
         while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # noqa: ASYNC251 - a tight poll that must not yield to the agent
         assert proc_state(pid) in ("T", "Z", "gone")
         await wait_for(lambda: "preempted" in obs.kinds(), what="preempted event")
         assert next(e for e in obs.events if e["kind"] == "preempted")["reason"] == "not_parked"

@@ -13,7 +13,8 @@ and changing with the load. Each update:
   2. sets d to the feedforward value (target - P_idle) / span, plus a small,
      bounded integral term that removes what bias remains;
   3. aims `margin` under the cap, since exceeding it is what the owner notices.
-Until the first estimate the duty is a conservative `start_duty`. A cap change
+Until the first estimate the duty is the feedforward of a nominal full power
+where one is known (`assume_full_power`), else a conservative `start_duty`. A cap change
 jumps straight to the new feedforward value: the new cap is met within one
 control period instead of after a slow ramp.
 """
@@ -35,6 +36,7 @@ class PowerGovernor:
     duty: float = 0.25
     _integral: float = 0.0
     _last_jump: int = 0
+    _assumed: bool = False
 
     def __post_init__(self) -> None:
         self.duty = self._clamped_feedforward()
@@ -56,6 +58,14 @@ class PowerGovernor:
         self.duty = self._clamped_feedforward()
         return self.duty
 
+    def assume_full_power(self, full_w: float) -> float:
+        """A nominal full power to start from, until the first measurement says otherwise."""
+        if self.span_w is None and full_w > self.idle_w:
+            self.span_w = full_w - self.idle_w
+            self._assumed = True
+            self.duty = self._clamped_feedforward()
+        return self.duty
+
     def update(self, avg_power_w: float, applied_duty: float) -> float:
         """The average power over the last period, run at `applied_duty`; returns the next duty."""
         if applied_duty >= 0.1:
@@ -63,7 +73,8 @@ class PowerGovernor:
             jump = 0
             if self.span_w is not None:
                 jump = (estimate > 1.25 * self.span_w) - (estimate < 0.8 * self.span_w)
-            if self.span_w is None or (jump != 0 and jump == self._last_jump):
+            if self.span_w is None or self._assumed or (jump != 0 and jump == self._last_jump):
+                self._assumed = False
                 # First look, or two periods in a row say the load changed: believe it
                 # now rather than spend seconds over the cap (or far under it).
                 self.span_w = estimate

@@ -125,6 +125,7 @@ class EmulatedVehicle:
             battery_temp_c=s.battery_temp_c,
             ambient_temp_c=s.ambient_temp_c,
             compute_power_w=p_compute,
+            compute_max_w=self.car.compute_max_w,
             sources=_SOURCES,
         )
 

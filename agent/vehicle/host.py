@@ -66,7 +66,9 @@ class HostVehicle:
         thermal: HottestZone | None,
         mains: MainsSupply | None,
         power: PowerSensor | None,
+        compute_max_w: float | None = None,
     ) -> None:
+        self.compute_max_w = compute_max_w
         self.emulated = emulated
         self.thermal = thermal
         self.mains = mains
@@ -99,4 +101,5 @@ class HostVehicle:
                 sources["compute_power_w"] = self.power.source
             except SensorError as exc:
                 faults.append(str(exc))
+        changes["compute_max_w"] = self.compute_max_w
         return replace(snap, **changes, sources=sources, faults=tuple(faults))  # type: ignore[arg-type]

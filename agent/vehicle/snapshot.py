@@ -32,6 +32,9 @@ class VehicleSnapshot:
     battery_temp_c: float = 25.0
     ambient_temp_c: float = 20.0
     compute_power_w: float = 0.0
+    # The module's nominal full power, where known (the emulator's model, a rig's config):
+    # the power governor's first estimate before it has measured anything.
+    compute_max_w: float | None = None
     # Where each value came from ("emulated", "sysfs:/sys/class/...", ...).
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     # Sensors that could not be read: any fault closes the gate (fail safe).

@@ -18,10 +18,10 @@ from agent.wire.tensors import Tensor
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
 VehicleId = str
-_VID = f"^{VEHICLE_ID_PATTERN}$"
-_JOB_ID = r"^[A-Za-z0-9_-]{1,64}$"
-_SHA256 = r"^[0-9a-f]{64}$"
-_NAME = r"^[A-Za-z0-9_.-]{1,64}$"
+VEHICLE_ID_RE = f"^{VEHICLE_ID_PATTERN}$"
+JOB_ID_RE = r"^[A-Za-z0-9_-]{1,64}$"
+SHA256_RE = r"^[0-9a-f]{64}$"
+NAME_RE = r"^[A-Za-z0-9_.-]{1,64}$"
 
 MAX_JOB_LIFETIME_S = 7 * 24 * 3600.0
 MAX_INPUTS = 16
@@ -31,8 +31,8 @@ MAX_MODEL_BYTES = 256 * 1024 * 1024
 class ModelRef(WireModel):
     """A model pinned by name, sha256 and exact byte length."""
 
-    name: str = Field(pattern=_NAME)
-    sha256: str = Field(pattern=_SHA256)
+    name: str = Field(pattern=NAME_RE)
+    sha256: str = Field(pattern=SHA256_RE)
     size: int = Field(gt=0, le=MAX_MODEL_BYTES)
 
 
@@ -43,13 +43,13 @@ class Limits(WireModel):
 class JobSpec(WireModel):
     """One inference job, bound to one vehicle and signed by a fleet job-signing key."""
 
-    job_id: str = Field(pattern=_JOB_ID)
+    job_id: str = Field(pattern=JOB_ID_RE)
     attempt: int = Field(ge=1, le=1000)
     issuer: str = Field(pattern=r"^[0-9a-f]{16}$")
     issued_at: float = Field(ge=0, allow_inf_nan=False)
     expires_at: float = Field(ge=0, allow_inf_nan=False)
-    vehicle_id: str = Field(pattern=_VID)
-    job_class: str = Field(pattern=_NAME)
+    vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
+    job_class: str = Field(pattern=NAME_RE)
     model: ModelRef
     inputs: dict[str, Tensor] = Field(min_length=1, max_length=MAX_INPUTS)
     limits: Limits
@@ -68,14 +68,14 @@ class JobSpec(WireModel):
 
 
 class ModelHeld(WireModel):
-    name: str = Field(pattern=_NAME)
-    sha256: str = Field(pattern=_SHA256)
+    name: str = Field(pattern=NAME_RE)
+    sha256: str = Field(pattern=SHA256_RE)
 
 
 class WorkRequest(WireModel):
     """Sent by an eligible vehicle: 'I can take `capacity` more jobs for these models'."""
 
-    vehicle_id: str = Field(pattern=_VID)
+    vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
     request_id: int = Field(ge=0)
     capacity: int = Field(ge=1, le=64)
     models: tuple[ModelHeld, ...] = Field(max_length=256)
@@ -95,8 +95,8 @@ class EventKind(StrEnum):
 class JobEvent(WireModel):
     """A step in a job's life on a vehicle. `job_id` is None when the job could not be read."""
 
-    vehicle_id: str = Field(pattern=_VID)
-    job_id: str | None = Field(default=None, pattern=_JOB_ID)
+    vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
+    job_id: str | None = Field(default=None, pattern=JOB_ID_RE)
     attempt: int | None = Field(default=None, ge=1, le=1000)
     kind: EventKind
     reason: str | None = Field(default=None, max_length=64)
@@ -107,7 +107,7 @@ class JobEvent(WireModel):
 class VehicleStatus(WireModel):
     """Retained on the status topic; the Last Will publishes `online: false`."""
 
-    vehicle_id: str = Field(pattern=_VID)
+    vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
     online: bool
     gate_open: bool
     reasons: tuple[str, ...] = Field(default=(), max_length=32)
@@ -121,10 +121,10 @@ SUITE: Final = "X25519-HKDF-SHA256-ChaCha20Poly1305"
 class SealedResult(WireModel):
     """A result encrypted to the requester; signed by the vehicle inside a result envelope."""
 
-    job_id: str = Field(pattern=_JOB_ID)
+    job_id: str = Field(pattern=JOB_ID_RE)
     attempt: int = Field(ge=1, le=1000)
-    vehicle_id: str = Field(pattern=_VID)
-    job_digest: str = Field(pattern=_SHA256)
+    vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
+    job_digest: str = Field(pattern=SHA256_RE)
     suite: Literal["X25519-HKDF-SHA256-ChaCha20Poly1305"]
     ciphertext: B64Bytes = Field(max_length=128 * 1024 * 1024)
 
@@ -132,10 +132,10 @@ class SealedResult(WireModel):
 class ResultBody(WireModel):
     """The plaintext inside a SealedResult: only the requester reads it."""
 
-    job_id: str = Field(pattern=_JOB_ID)
+    job_id: str = Field(pattern=JOB_ID_RE)
     attempt: int = Field(ge=1, le=1000)
-    vehicle_id: str = Field(pattern=_VID)
-    model_sha256: str = Field(pattern=_SHA256)
+    vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
+    model_sha256: str = Field(pattern=SHA256_RE)
     outputs: dict[str, Tensor] = Field(max_length=MAX_INPUTS)
     runtime_ms: float = Field(ge=0, allow_inf_nan=False)
     finished_at: float = Field(ge=0, allow_inf_nan=False)

@@ -1,0 +1,175 @@
+"""Shared pieces of the benchmarks: the machine's name, a broker, agent configs, the models, results."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from agent.wire.keys import KeyRing, write_private_key
+from broker.local import LocalMosquitto
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = REPO / "bench" / "cache"
+RESULTS = REPO / "bench" / "results"
+SCENARIOS = REPO / "agent" / "vehicle" / "scenarios"
+RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+REC_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx"
+
+
+def machine() -> dict[str, Any]:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kb / 1024 / 1024, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def write_result(name: str, data: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "machine": machine(), **data}, indent=2) + "\n")
+    return path
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def realistic_model() -> Path:
+    """PP-OCRv4 text recognition, taken from the rapidocr-onnxruntime wheel (fetched once, here)."""
+    target = CACHE / "ppocr_rec.onnx"
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    wheels = CACHE / "wheels"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), RAPIDOCR],
+        check=True,
+    )
+    wheel = next(wheels.glob("rapidocr_onnxruntime-*.whl"))
+    with zipfile.ZipFile(wheel) as zf, zf.open(REC_MEMBER) as src, target.open("wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return target
+
+
+def model_dir(include_realistic: bool) -> Path:
+    """A model folder for the agent: the shipped models, plus PP-OCRv4 rec if asked."""
+    folder = CACHE / ("models-full" if include_realistic else "models")
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((REPO / "models" / "manifest.json").read_text())
+    for m in manifest["models"]:
+        shutil.copy2(REPO / "models" / m["file"], folder / m["file"])
+    if include_realistic:
+        src = realistic_model()
+        data = src.read_bytes()
+        shutil.copy2(src, folder / "ppocr_rec.onnx")
+        manifest["models"].append(
+            {
+                "name": "ppocr-rec",
+                "file": "ppocr_rec.onnx",
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "size": len(data),
+                "inputs": {"x": {"dtype": "float32", "shape": [None, 3, 48, None]}},
+            }
+        )
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return folder
+
+
+@contextlib.contextmanager
+def broker(workdir: Path) -> Iterator[LocalMosquitto]:
+    b = LocalMosquitto(workdir / "mosquitto")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+def vehicle_config(
+    workdir: Path,
+    vehicle_id: str,
+    *,
+    port: int,
+    job_key: Ed25519PrivateKey,
+    models: Path,
+    scenario: str = "parked-charging",
+    limits: str = "",
+    agent: str = "",
+) -> Path:
+    d = workdir / vehicle_id
+    d.mkdir(parents=True, exist_ok=True)
+    if not (d / "vehicle.key").exists():
+        write_private_key(d / "vehicle.key", Ed25519PrivateKey.generate())
+    (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
+    path = d / "agent.toml"
+    path.write_text(f"""
+[owner]
+opted_in = true
+consent_version = "bench"
+consent_date = 2026-11-30
+
+[vehicle]
+id = "{vehicle_id}"
+scenario = "{SCENARIOS / (scenario + ".toml")}"
+
+[limits]
+max_compute_temp_c = 110.0
+resume_compute_temp_c = 100.0
+gate_hold_s = 0
+daily_energy_wh = 100000
+{limits}
+
+[broker]
+port = {port}
+
+[keys]
+vehicle_key = "vehicle.key"
+trusted_job_keys = "trusted-job-keys.json"
+
+[models]
+dir = "{models}"
+
+[state]
+dir = "state"
+
+[agent]
+{agent}
+""")
+    return path
