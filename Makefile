@@ -2,6 +2,7 @@
 #   make test    set up (venv, package, mosquitto) and run the suite
 #   make demo    set up and run the end-to-end demo
 #   make lint    ruff and mypy
+#   make bench   the benchmarks (about 8 minutes); JSON and a plot under bench/results/
 #   make models  regenerate the shipped models (needs the models extra)
 
 SHELL := /bin/bash
@@ -10,7 +11,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint models mosquitto clean
+.PHONY: setup test demo lint bench models mosquitto clean
 
 setup: mosquitto $(STAMP)
 
@@ -46,6 +47,10 @@ lint: setup
 	$(BIN)/ruff check agent broker tests bench models
 	$(BIN)/ruff format --check agent broker tests bench models
 	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m bench.run
 
 models: setup
 	$(BIN)/pip install -q -e '.[models]'

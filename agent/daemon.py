@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -135,7 +135,8 @@ class Agent:
         self._energy_booked: set[tuple[str, int]] = set()
         # Jobs that killed the worker, and how often; two strikes and the job is not run here.
         self._worker_crashes: Counter[str] = Counter()
-        self._load_window: deque[tuple[float, float]] = deque()
+        self._load_mark: tuple[float, float] | None = None
+        self._load = 0.0
         self._power_samples: list[float] = []
         self._idle_power_w: float | None = None
         self.governor = PowerGovernor(cap_w=config.limits.power_cap_w, idle_w=0.0)
@@ -151,6 +152,7 @@ class Agent:
         self._status_dirty = asyncio.Event()
         self._current: tuple[AcceptedJob, asyncio.Task[None]] | None = None
         self._executor_idle = asyncio.Event()
+        self._job_running = asyncio.Event()
         self._preempt_reason = ""
         self._outstanding = 0  # jobs asked for and not yet arrived
         self._request_id = 0
@@ -220,25 +222,28 @@ class Agent:
         )
 
     def compute_load(self) -> float:
-        """The worker's measured CPU use over the last ~100 ms, as a fraction of its threads.
+        """The worker's measured CPU use as a fraction of its threads, over contiguous windows
+        of at least LOAD_WINDOW_S (one duty-cycle slot).
 
-        This drives the emulated car's compute power, so on the emulator the power
-        governor closes its loop over real CPU time, not over its own commands. The
-        window spans one duty-cycle slot, as a real sensor's averaging would.
+        This drives the emulated car's compute power, so on the emulator the power governor
+        closes its loop over real CPU time, not over its own commands. Windows tile time
+        without overlap, so averaging the readings gives the true average, like a real
+        energy counter.
         """
         cpu = self._engine.cpu_seconds()
         now = time.monotonic()
         if cpu is None:
-            self._load_window.clear()
+            self._load_mark = None
+            self._load = 0.0
             return 0.0
-        window = self._load_window
-        window.append((now, cpu))
-        while len(window) > 2 and now - window[1][0] >= LOAD_WINDOW_S:
-            window.popleft()
-        t0, c0 = window[0]
-        if now - t0 <= 0:
-            return 0.0
-        return max(0.0, min(1.0, (cpu - c0) / (now - t0) / self._engine.threads))
+        if self._load_mark is None:
+            self._load_mark = (now, cpu)
+            return self._load
+        t0, c0 = self._load_mark
+        if now - t0 >= LOAD_WINDOW_S:
+            self._load = max(0.0, min(1.0, (cpu - c0) / (now - t0) / self._engine.threads))
+            self._load_mark = (now, cpu)
+        return self._load
 
     def observe(self, now: float) -> GateDecision:
         """One look at the car: account energy, evaluate the gate, react to a change."""
@@ -287,8 +292,8 @@ class Agent:
         if decision.open:
             self._log.info("gate_opened")
         else:
+            self._preempt(",".join(reasons))  # first: compute stops before anything is logged
             self._log.info("gate_closed", reasons=reasons)
-            self._preempt(",".join(reasons))
         self._status_dirty.set()
         self._wake_requester.set()
 
@@ -305,6 +310,7 @@ class Agent:
         period = self.config.agent.governor_period_s
         governed_job: tuple[str, int] | None = None
         while True:
+            await self._job_running.wait()  # nothing to govern while no job runs
             await asyncio.sleep(period)
             if self.governor.cap_w != self.config.limits.power_cap_w:
                 self.governor.set_cap(self.config.limits.power_cap_w)
@@ -323,6 +329,9 @@ class Agent:
         """Run the worker for `duty` of every slot and pause it (SIGSTOP) for the rest."""
         slot = self.config.agent.duty_slot_s
         while True:
+            if self._current is None:
+                self._engine.resume()
+                await self._job_running.wait()
             duty = self.governor.duty
             if self._current is None or duty >= 0.999:
                 self._engine.resume()
@@ -587,12 +596,14 @@ class Agent:
                 continue
             run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
             self._current = (item, run)
+            self._job_running.set()
             try:
                 await asyncio.wait({run})
             finally:
                 if not run.done():
                     run.cancel()
                 self._current = None
+                self._job_running.clear()
             if run.cancelled():
                 await self._close_energy(item, "preempted")
             elif (exc := run.exception()) is not None:

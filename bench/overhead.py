@@ -51,7 +51,7 @@ def _cpu(agent_pid: int, b: Any) -> dict[str, float]:
 
     daemon = psutil.Process(agent_pid)
     worker = sum(sum(c.cpu_times()[:2]) for c in daemon.children())
-    broker_pid = b._proc.pid if b._proc else None  # noqa: SLF001 - our own helper's process
+    broker_pid = b._proc.pid if b._proc else None
     return {
         "daemon": sum(daemon.cpu_times()[:2]),
         "worker": worker,
