@@ -9,6 +9,7 @@ from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
+from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger, StateError
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.host import HostVehicle, discover_power
@@ -57,6 +58,7 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         scenario = load_scenario(config.vehicle.scenario) if config.vehicle.scenario else Scenario()
         store = ModelStore.open(config.models.dir)
         ledger = EnergyLedger(config.state.dir / "state.db")
+        jobs = JobStore(config.state.dir / "state.db")
     except (KeyFileError, ScenarioError, ModelStoreError, StateError) as exc:
         raise StartupError(str(exc)) from None
     if len(trusted) == 0:
@@ -74,6 +76,7 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         signing_key=signing_key,
         trusted=trusted,
         ledger=ledger,
+        jobs=jobs,
         clock=clock,
     )
     emulated.attach_load(agent.compute_load)

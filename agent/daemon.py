@@ -38,6 +38,7 @@ from agent.core.governor import PowerGovernor
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore
 from agent.logs import get_logger
+from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
@@ -116,6 +117,7 @@ class Agent:
         signing_key: Ed25519PrivateKey,
         trusted: KeyRing,
         ledger: EnergyLedger,
+        jobs: JobStore,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
@@ -145,7 +147,11 @@ class Agent:
         self._queue: asyncio.Queue[AcceptedJob] = asyncio.Queue(maxsize=self._capacity)
         self._deliveries: asyncio.Queue[_Finished] = asyncio.Queue(maxsize=self._capacity)
         # Replay record: (job_id, attempt) of every job seen. In memory for now.
-        self._seen: set[tuple[str, int]] = set()
+        self._jobs = jobs
+        self._seen: set[tuple[str, int]] = jobs.load_seen(clock())
+        self._interrupted = jobs.interrupted()
+        self._outbox_depth = jobs.outbox_size()
+        self._outbox_ready = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._wake_requester = asyncio.Event()
@@ -201,8 +207,16 @@ class Agent:
         # Phase 2: hand back what was accepted but not started.
         while not self._queue.empty():
             item = self._queue.get_nowait()
+            await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, "shutdown", "agent stopping")
-        # Phase 3: say goodbye (a clean disconnect does not fire the Last Will).
+        # Phase 3: flush the outbox while connected (what stays is sent at the next start).
+        try:
+            async with asyncio.timeout(max(grace, 1.0)):
+                while self._outbox_depth and self._connected.is_set():  # noqa: ASYNC110 - a time-boxed poll of the sender's counter
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            self._log.warning("outbox_not_flushed", results_waiting=self._outbox_depth)
+        # Phase 4: say goodbye (a clean disconnect does not fire the Last Will).
         if self._client is not None:
             try:
                 async with asyncio.timeout(2.0):
@@ -383,6 +397,7 @@ class Agent:
                 "energy_wh": round(self.energy.job_wh((current.job_id, current.attempt)), 6),
             },
             "queued_jobs": self._queue.qsize(),
+            "outbox": self._outbox_depth,
             "energy": {
                 "day": self.energy.day,
                 "today_wh": round(self.energy.today_wh, 6),
@@ -464,7 +479,9 @@ class Agent:
                         "connected", broker=f"{self.config.broker.host}:{self.config.broker.port}"
                     )
                     self._status_dirty.set()
+                    await self._report_interrupted()
                     async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._send_outbox(client), name="outbox-sender")
                         tg.create_task(self._receive_jobs(client), name="job-receiver")
                         tg.create_task(self._request_work(client), name="work-requester")
                         tg.create_task(self._publish_statuses(client), name="status-publisher")
@@ -507,7 +524,7 @@ class Agent:
             busy = self._queue.qsize() + (1 if self._current else 0) + self._outstanding
             free = self._capacity - busy
             # Ask as soon as a slot frees: a request costs ~200 bytes and keeps the queue full.
-            worth_asking = free > 0
+            worth_asking = free > 0 and self._outbox_depth < self.config.agent.outbox_max
             if self.gate.is_open and not self._stopping and worth_asking:
                 self._request_id += 1
                 request = WorkRequest(
@@ -565,7 +582,20 @@ class Agent:
             await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
             return
         self._seen.add((job.job_id, job.attempt))
-        if self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES:
+        poisoned = self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES
+        accept = (
+            not poisoned and self.gate.is_open and not self._stopping and not self._queue.full()
+        )
+        # Durable before anything is acted on: a replay after a crash is still caught.
+        await asyncio.to_thread(
+            self._jobs.remember,
+            job.job_id,
+            job.attempt,
+            job.expires_at,
+            accepted=accept,
+            now=self._clock(),
+        )
+        if poisoned:
             await self._event(
                 job,
                 EventKind.REJECTED,
@@ -592,6 +622,7 @@ class Agent:
             self._executor_idle.clear()
             if not self.gate.is_open or self._stopping:
                 reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
+                await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
                 await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
                 continue
             run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
@@ -606,6 +637,7 @@ class Agent:
                 self._job_running.clear()
             if run.cancelled():
                 await self._close_energy(item, "preempted")
+                await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
             elif (exc := run.exception()) is not None:
                 self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
                 await self._close_energy(item, "failed")
@@ -627,6 +659,7 @@ class Agent:
 
     async def _run_job(self, item: AcceptedJob) -> None:
         job = item.job
+        await asyncio.to_thread(self._jobs.mark, job.job_id, job.attempt, "running", self._clock())
         await self._event_soon(job, EventKind.RUNNING)
         started = time.perf_counter()
         try:
@@ -643,6 +676,7 @@ class Agent:
                 if self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES:
                     detail += "; this job has now killed the worker twice and is not run here again"
             await self._close_energy(item, "failed")
+            await asyncio.to_thread(self._jobs.finish, job.job_id, job.attempt)
             await self._event_soon(job, EventKind.FAILED, err.reason.value, detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
@@ -660,12 +694,65 @@ class Agent:
                 sealed = await asyncio.to_thread(
                     self._seal, done.item, done.outputs, done.runtime_ms, done.energy_wh
                 )
-                await self._publish(topic(self.vehicle_id, Channel.RESULTS), sealed)
-                await self._event_soon(
-                    job, EventKind.SUCCEEDED, detail=f"runtime_ms={done.runtime_ms:.2f}"
+                await asyncio.to_thread(
+                    self._jobs.finish_with_result,
+                    job.job_id,
+                    job.attempt,
+                    topic(self.vehicle_id, Channel.RESULTS),
+                    sealed,
+                    self._clock(),
                 )
+                self._outbox_depth += 1
+                self._outbox_ready.set()
             finally:
                 self._deliveries.task_done()
+
+    async def _send_outbox(self, client: aiomqtt.Client) -> None:
+        """Publish the outbox in order; a row goes only once the broker acknowledged it."""
+        while True:
+            batch = await asyncio.to_thread(self._jobs.outbox_batch)
+            if not batch:
+                self._outbox_ready.clear()
+                await self._outbox_ready.wait()
+                continue
+            for seq, topic_name, payload, job_id, attempt in batch:
+                await client.publish(topic_name, payload, qos=1)  # returns on PUBACK
+                await asyncio.to_thread(self._jobs.outbox_remove, seq)
+                self._outbox_depth = max(0, self._outbox_depth - 1)
+                # "succeeded" once the broker holds the result, not before.
+                self.counts[EventKind.SUCCEEDED.value] += 1
+                self._log.info("job_succeeded", job_id=job_id, attempt=attempt)
+                event = JobEvent(
+                    vehicle_id=self.vehicle_id,
+                    job_id=job_id,
+                    attempt=attempt,
+                    kind=EventKind.SUCCEEDED,
+                    at=self._clock(),
+                )
+                await client.publish(
+                    topic(self.vehicle_id, Channel.EVENTS), dump_model(event), qos=1
+                )
+            self._wake_requester.set()
+
+    async def _report_interrupted(self) -> None:
+        """Hand back the jobs a previous run accepted and never finished (once, on connect)."""
+        interrupted, self._interrupted = self._interrupted, []
+        for job_id, attempt, state in interrupted:
+            self.counts["released:agent_restarted"] += 1
+            self._log.warning(
+                "job_interrupted_by_restart", job_id=job_id, attempt=attempt, state=state
+            )
+            event = JobEvent(
+                vehicle_id=self.vehicle_id,
+                job_id=job_id,
+                attempt=attempt,
+                kind=EventKind.RELEASED,
+                reason="agent_restarted",
+                detail=f"the agent restarted while the job was {state}",
+                at=self._clock(),
+            )
+            await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
+            await asyncio.to_thread(self._jobs.finish, job_id, attempt)
 
     def _book_energy(self, item: AcceptedJob) -> float:
         """Close the job's energy account in the meter (a last sample at its end)."""

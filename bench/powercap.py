@@ -79,22 +79,17 @@ def _windows(trace: list[tuple[float, float, float]], skip_s: float) -> list[tup
     return out
 
 
-def _settle_s(
-    trace: list[tuple[float, float, float]], change_at: float, cap: float
-) -> float | None:
-    """Seconds after `change_at` until the trailing 1 s mean power stays within 5 % of `cap`."""
+def _settle_s(trace: list[tuple[float, float, float]], change_at: float, cap: float) -> float | None:
+    """Seconds after `change_at` until the mean power since the change (over a trailing window
+    of up to 1 s, at least 0.25 s) first comes within 5 % of `cap`."""
     after = [(t, p) for t, p, _ in trace if t >= change_at]
-    settled_at = None
-    for i, (t, _) in enumerate(after):
-        if t < change_at + 1.0:
-            continue  # the trailing window still holds the old cap's power
-        window = [p for ts, p in after[: i + 1] if ts > t - 1.0]
-        mean = sum(window) / len(window)
-        if abs(mean - cap) <= 0.05 * cap:
-            settled_at = settled_at if settled_at is not None else t
-        else:
-            settled_at = None
-    return None if settled_at is None else settled_at - change_at
+    for t, _ in after:
+        if t < change_at + 0.25:
+            continue
+        window = [p for ts, p in after if max(change_at, t - 1.0) <= ts <= t]
+        if abs(sum(window) / len(window) - cap) <= 0.05 * cap:
+            return round(t - change_at, 3)
+    return None
 
 
 async def run(rows: int) -> dict[str, Any]:

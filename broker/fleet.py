@@ -18,6 +18,7 @@ from collections.abc import Callable
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.core.backoff import backoff_delays
 from agent.logs import get_logger
 from agent.wire import envelope
 from agent.wire.codec import dump_model, parse_model
@@ -62,22 +63,33 @@ class FleetNode:
         self.event_log: list[JobEvent] = []
         self.work_requests: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
+        self.reconnects = 0
 
     async def run(self) -> None:
-        async with aiomqtt.Client(
-            self.host,
-            self.port,
-            identifier=f"fleet-{self._issuer}",
-            protocol=aiomqtt.ProtocolVersion.V5,
-            max_queued_incoming_messages=10_000,
-            socket_options=NO_DELAY,
-        ) as client:
-            for channel in (Channel.WORK, Channel.EVENTS, Channel.STATUS, Channel.RESULTS):
-                await client.subscribe(all_vehicles(channel), qos=1)
-            self.ready.set()
-            async with asyncio.TaskGroup() as tg:
-                tg.create_task(self._receive(client), name="fleet-receiver")
-                tg.create_task(self._expire_leases(), name="lease-expiry")
+        """Serve until cancelled, reconnecting (capped backoff, full jitter) when the broker goes."""
+        delays = backoff_delays(base_s=0.2, cap_s=5.0)
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.host,
+                    self.port,
+                    identifier=f"fleet-{self._issuer}",
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    max_queued_incoming_messages=10_000,
+                    socket_options=NO_DELAY,
+                ) as client:
+                    for channel in (Channel.WORK, Channel.EVENTS, Channel.STATUS, Channel.RESULTS):
+                        await client.subscribe(all_vehicles(channel), qos=1)
+                    self.ready.set()
+                    delays = backoff_delays(base_s=0.2, cap_s=5.0)
+                    async with asyncio.TaskGroup() as tg:
+                        tg.create_task(self._receive(client), name="fleet-receiver")
+                        tg.create_task(self._expire_leases(), name="lease-expiry")
+            except* aiomqtt.MqttError as group:
+                self.ready.clear()
+                self.reconnects += 1
+                self._log.warning("fleet_disconnected", reason=str(group.exceptions[0]))
+            await asyncio.sleep(next(delays))
 
     async def _expire_leases(self) -> None:
         while True:

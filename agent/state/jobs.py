@@ -1,0 +1,142 @@
+"""Durable job state on the vehicle: the replay record, the job journal and the result outbox.
+
+One SQLite file (WAL) in the state directory, beside the energy ledger:
+  seen     every (job_id, attempt) accepted or refused after verification, until it
+           expires: a redelivered or replayed job never runs twice, across restarts;
+  journal  jobs accepted and not yet finished: after a crash, the next start hands
+           them back (released, reason agent_restarted) instead of forgetting them;
+  outbox   sealed results, written before they are published and removed only once
+           the broker has acknowledged them (QoS 1 PUBACK), sent in order on every
+           (re)connection. A job's result enters the outbox in the same transaction
+           that closes its journal entry.
+Blocking calls; the daemon runs them in a thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+from agent.state.ledger import StateError
+
+_SCHEMA = """
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS seen (
+    job_id TEXT NOT NULL, attempt INTEGER NOT NULL, expires_at REAL NOT NULL,
+    PRIMARY KEY (job_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS journal (
+    job_id TEXT NOT NULL, attempt INTEGER NOT NULL, state TEXT NOT NULL, since REAL NOT NULL,
+    PRIMARY KEY (job_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
+    job_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at REAL NOT NULL
+);
+"""
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StateError(
+                f"cannot open the state database {path}: {exc}; check that the state "
+                "directory exists, is writable by the agent, and the disk is not full"
+            ) from None
+        self._lock = threading.Lock()
+
+    # ---- replay record -----------------------------------------------------
+
+    def load_seen(self, now: float) -> set[tuple[str, int]]:
+        """Every unexpired (job_id, attempt) seen; expired entries are dropped on the way."""
+        with self._lock:
+            self._db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+            rows = self._db.execute("SELECT job_id, attempt FROM seen").fetchall()
+        return {(str(j), int(a)) for j, a in rows}
+
+    def remember(
+        self, job_id: str, attempt: int, expires_at: float, *, accepted: bool, now: float
+    ) -> None:
+        """Record a verified job as seen, and journal it if it was accepted (one transaction)."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            self._db.execute(
+                "INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (job_id, attempt, expires_at)
+            )
+            if accepted:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO journal VALUES (?, ?, 'accepted', ?)",
+                    (job_id, attempt, now),
+                )
+
+    def prune_seen(self, now: float) -> int:
+        with self._lock:
+            return self._db.execute("DELETE FROM seen WHERE expires_at < ?", (now,)).rowcount
+
+    # ---- journal -----------------------------------------------------------
+
+    def mark(self, job_id: str, attempt: int, state: str, now: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE journal SET state = ?, since = ? WHERE job_id = ? AND attempt = ?",
+                (state, now, job_id, attempt),
+            )
+
+    def finish(self, job_id: str, attempt: int) -> None:
+        with self._lock:
+            self._db.execute(
+                "DELETE FROM journal WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+            )
+
+    def interrupted(self) -> list[tuple[str, int, str]]:
+        """Jobs a previous run accepted and never finished (it crashed or lost power)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, attempt, state FROM journal ORDER BY since"
+            ).fetchall()
+        return [(str(j), int(a), str(s)) for j, a, s in rows]
+
+    # ---- outbox ------------------------------------------------------------
+
+    def finish_with_result(
+        self, job_id: str, attempt: int, topic: str, payload: bytes, now: float
+    ) -> int:
+        """Put a sealed result in the outbox and close the job's journal entry, atomically."""
+        with self._lock, self._db:
+            self._db.execute("BEGIN")
+            cur = self._db.execute(
+                "INSERT INTO outbox (topic, payload, job_id, attempt, created_at) VALUES (?, ?, ?, ?, ?)",
+                (topic, payload, job_id, attempt, now),
+            )
+            self._db.execute(
+                "DELETE FROM journal WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+            )
+            return int(cur.lastrowid or 0)
+
+    def outbox_batch(self, limit: int = 16) -> list[tuple[int, str, bytes, str, int]]:
+        """The oldest results waiting: (seq, topic, payload, job_id, attempt)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT seq, topic, payload, job_id, attempt FROM outbox ORDER BY seq LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(int(s), str(t), bytes(p), str(j), int(a)) for s, t, p, j, a in rows]
+
+    def outbox_remove(self, seq: int) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+    def outbox_size(self) -> int:
+        with self._lock:
+            (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        return int(n)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

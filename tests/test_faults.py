@@ -1,0 +1,174 @@
+"""Fault tests against real processes and a real broker: kills, outages, restarts, bad state dirs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from agent.exitcodes import ExitCode
+from agent.state.jobs import JobStore
+from broker.collector import Collector
+from broker.fleet import FleetNode
+from broker.local import LocalMosquitto
+from broker.queue import JobQueue, JobTemplate
+from tests.support import BURN_REF, observing, running_agent, wait_for, write_vehicle
+
+pytestmark = pytest.mark.broker
+
+
+def _burn_template(fleet, rows: int) -> JobTemplate:
+    import numpy as np
+
+    from agent.wire.keys import raw_public
+    from agent.wire.messages import Limits
+    from agent.wire.tensors import Tensor
+
+    return JobTemplate(
+        job_class="burn", model=BURN_REF,
+        inputs={"x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
+                "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64))},
+        limits=Limits(max_runtime_s=30), requester_key=raw_public(fleet.requester.public_key()),
+        lifetime_s=600,
+    )
+
+
+def _start_agent(files) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+
+@contextlib.asynccontextmanager
+async def _fleet(port: int, fleet, files, tmp_path, jobs: int, rows: int):
+    queue = JobQueue(tmp_path / "fleet.db", lease_s=4.0, max_attempts=20)
+    collector = Collector(vehicles={files.vehicle_id: files.key.public_key()},
+                          requester_key=fleet.requester, digest_for=queue.assignment_digest)
+    node = FleetNode(host="127.0.0.1", port=port, queue=queue, signing_key=fleet.job_key,
+                     collector=collector, lease_tick_s=0.2)
+    ids = [queue.submit(_burn_template(fleet, rows), now=time.time()) for _ in range(jobs)]
+    task = asyncio.create_task(node.run(), name="fleet")
+    try:
+        await wait_for(node.ready.is_set, what="fleet ready")
+        yield node, queue, collector, ids
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        queue.close()
+
+
+async def test_sigkill_at_random_points_loses_no_result(fleet, tmp_path):
+    """Killing the agent with SIGKILL at random points and restarting it: every job ends with
+    exactly one verified result at the collector; redeliveries are suppressed as duplicates."""
+    rng = random.Random(5)
+    with LocalMosquitto(tmp_path / "mq") as mq:
+        files = write_vehicle(tmp_path, "veh-kill", port=mq.port, fleet=fleet,
+                              limits="power_cap_w = 2000", extra="worker_idle_s = 30")
+        async with _fleet(mq.port, fleet, files, tmp_path, jobs=40, rows=3000) as (
+            _node, queue, collector, ids
+        ):
+            proc = _start_agent(files)
+            kills = 0
+            try:
+                for _ in range(3):
+                    await asyncio.sleep(rng.uniform(1.5, 3.0))
+                    proc.send_signal(signal.SIGKILL)
+                    await asyncio.to_thread(proc.wait, 10)
+                    kills += 1
+                    proc = _start_agent(files)
+                await wait_for(lambda: len(collector.results) == len(ids), timeout=90,
+                               what="every job's result")
+            finally:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 15)
+            assert set(collector.results) == set(ids)
+            assert queue.counts() == {"done": len(ids)}
+            assert kills == 3
+            print(f"jobs {len(ids)}, kills {kills}, results {len(collector.results)}, "
+                  f"duplicates suppressed {collector.duplicates}")
+
+
+async def test_broker_outage_longer_than_keepalive_loses_no_result(fleet, tmp_path):
+    """The broker stops for longer than the keepalive (and forgets every session); when it is back,
+    agent and fleet reconnect and every job still ends with exactly one result."""
+    with LocalMosquitto(tmp_path / "mq") as mq:
+        port = mq.port
+        files = write_vehicle(tmp_path, "veh-outage", port=port, fleet=fleet,
+                              limits="power_cap_w = 2000", extra="worker_idle_s = 30")
+        files.config_path.write_text(files.config_path.read_text().replace(
+            'port = ', 'keepalive_s = 5\nport = '))
+        async with _fleet(port, fleet, files, tmp_path, jobs=30, rows=3000) as (
+            node, _queue, collector, ids
+        ):
+            proc = _start_agent(files)
+            try:
+                await wait_for(lambda: len(collector.results) >= 5, timeout=30, what="some results")
+                mq.stop()
+                await asyncio.sleep(6.5)  # > keepalive; persistence is off: sessions are gone
+                restarted = LocalMosquitto(tmp_path / "mq2", port=port)
+                restarted.start()
+                try:
+                    await wait_for(lambda: len(collector.results) == len(ids), timeout=90,
+                                   what="every job's result after the outage")
+                finally:
+                    proc.terminate()
+                    await asyncio.to_thread(proc.wait, 15)
+                    restarted.stop()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+            assert set(collector.results) == set(ids)
+            assert node.reconnects >= 1
+
+
+async def test_jobs_interrupted_by_a_crash_are_handed_back_at_the_next_start(
+    mosquitto, fleet, tmp_path
+):
+    """A job journaled as running by a run that died is reported released (agent_restarted)."""
+    files = write_vehicle(tmp_path, "veh-journal", port=mosquitto.port, fleet=fleet)
+    store = JobStore(files.config_path.parent / "state" / "state.db")
+    store.remember("job-lost", 3, time.time() + 60, accepted=True, now=time.time())
+    store.mark("job-lost", 3, "running", time.time())
+    store.close()
+    async with observing(mosquitto.port, "veh-journal") as obs, running_agent(files):
+        await wait_for(lambda: "released" in obs.kinds("job-lost"), what="handed back")
+        event = next(e for e in obs.events if e.get("job_id") == "job-lost")
+        assert (event["attempt"], event["reason"]) == (3, "agent_restarted")
+    assert JobStore(files.config_path.parent / "state" / "state.db").interrupted() == []
+
+
+def test_outbox_and_replay_record_survive_restart(tmp_path):
+    """A sealed result in the outbox and a seen job id are still there after a reopen."""
+    path = tmp_path / "state.db"
+    store = JobStore(path)
+    store.remember("job-1", 1, time.time() + 60, accepted=True, now=time.time())
+    seq = store.finish_with_result("job-1", 1, "t", b"sealed", time.time())
+    store.close()
+    again = JobStore(path)
+    assert again.outbox_batch() == [(seq, "t", b"sealed", "job-1", 1)]
+    assert ("job-1", 1) in again.load_seen(time.time())
+    assert again.interrupted() == [], "the result closed the journal entry"
+    again.outbox_remove(seq)
+    assert again.outbox_size() == 0
+    assert ("job-1", 1) not in again.load_seen(time.time() + 120), "expired entries are dropped"
+
+
+def test_unwritable_state_directory_refuses_to_start(tmp_path, fleet):
+    """A state directory that cannot be created stops the agent at start with EX_CONFIG and the path."""
+    files = write_vehicle(tmp_path, "veh-nostate", port=1, fleet=fleet)
+    blocker = files.config_path.parent / "state"
+    blocker.write_text("a file where the state directory should be")
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG
+    assert "state database" in proc.stdout and "writable" in proc.stdout
