@@ -38,8 +38,10 @@ from agent.core.governor import PowerGovernor
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore
 from agent.logs import get_logger
+from agent.metrics import AgentMetrics
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger
+from agent.supervision import Notifier
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
 from agent.wire import envelope
@@ -66,6 +68,7 @@ from agent.wire.topics import Channel, topic
 # Room for MQTT headers and topic names on top of the largest payload we accept.
 _PACKET_OVERHEAD = 4096
 ENERGY_SAVE_EVERY_S = 5.0
+READY_AFTER_S = 3.0
 MAX_WORKER_CRASHES = 2
 LOAD_WINDOW_S = 0.1
 
@@ -119,6 +122,7 @@ class Agent:
         ledger: EnergyLedger,
         jobs: JobStore,
         clock: Callable[[], float] = time.time,
+        notifier: Notifier | None = None,
     ) -> None:
         self.config = config
         self.vehicle_id = config.vehicle.id
@@ -148,6 +152,9 @@ class Agent:
         self._deliveries: asyncio.Queue[_Finished] = asyncio.Queue(maxsize=self._capacity)
         # Replay record: (job_id, attempt) of every job seen. In memory for now.
         self._jobs = jobs
+        self.metrics = AgentMetrics()
+        self._notifier = notifier or Notifier()
+        self._ready_sent = False
         self._seen: set[tuple[str, int]] = jobs.load_seen(clock())
         self._interrupted = jobs.interrupted()
         self._outbox_depth = jobs.outbox_size()
@@ -171,6 +178,13 @@ class Agent:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down in order within the grace period."""
         self._log.info("agent_starting", version=__version__, models=sorted(self._store.held))
+        if self.config.agent.metrics_port:
+            try:
+                self.metrics.serve(self.config.agent.metrics_port)
+            except OSError as exc:
+                self._log.error(
+                    "metrics_unavailable", port=self.config.agent.metrics_port, error=str(exc)
+                )
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_vehicle(), name="vehicle-watch")
@@ -181,6 +195,7 @@ class Agent:
                 tg.create_task(self._serve_control(), name="control-socket")
                 tg.create_task(self._govern_power(), name="power-governor")
                 tg.create_task(self._duty_cycle(), name="duty-cycle")
+                tg.create_task(self._supervise(), name="systemd-supervisor")
         except* _Shutdown:
             pass
         await self._engine.stop()
@@ -190,6 +205,7 @@ class Agent:
     async def _stop_when(self, stop: asyncio.Event) -> None:
         await stop.wait()
         self._stopping = True
+        self._notifier.stopping()
         self._log.info("agent_stopping", grace_s=self.config.agent.shutdown_grace_s)
         grace = self.config.agent.shutdown_grace_s
         # Phase 1: no new work; let the running job finish within the grace period.
@@ -272,6 +288,9 @@ class Agent:
             )
         )
         self.last_snapshot = snap
+        self.metrics.compute_power.set(snap.compute_power_w)
+        self.metrics.compute_temp.set(snap.compute_temp_c)
+        self.metrics.energy_today.set(self.energy.today_wh)
         if self._current is not None:
             self._power_samples.append(snap.compute_power_w)
         elif self._engine.pid is None:
@@ -303,6 +322,8 @@ class Agent:
 
     def _on_gate_change(self, decision: GateDecision) -> None:
         reasons = [r.value for r in decision.reasons]
+        self.metrics.gate(decision.open, reasons)
+        self._notifier.status(self._status_line())
         if decision.open:
             self._log.info("gate_opened")
         else:
@@ -474,6 +495,8 @@ class Agent:
                     self._client = client
                     await client.subscribe(topic(self.vehicle_id, Channel.JOBS), qos=1)
                     self._connected.set()
+                    if not self._ready_sent:
+                        self._ready_sent = self._notifier.ready(self._status_line()) or True
                     delays = backoff_delays(base_s=0.5, cap_s=30.0)
                     self._log.info(
                         "connected", broker=f"{self.config.broker.host}:{self.config.broker.port}"
@@ -493,8 +516,49 @@ class Agent:
                 self._outstanding = 0
             delay = next(delays)
             self.counts["reconnects"] += 1
+            self.metrics.reconnects.inc()
             self._log.info("reconnect_wait", delay_s=round(delay, 2))
             await asyncio.sleep(delay)
+
+    def _status_line(self) -> str:
+        decision = self.gate.last
+        gate = (
+            "gate open"
+            if decision and decision.open
+            else (
+                "gate closed: " + ", ".join(r.value for r in decision.reasons)
+                if decision
+                else "starting"
+            )
+        )
+        link = "connected" if self._connected.is_set() else "broker unreachable"
+        return f"{gate}; {link}; outbox {self._outbox_depth}"
+
+    def healthy(self, loop_lag_s: float, limit_s: float) -> bool:
+        """The event loop keeps time and a running job still has its worker."""
+        if loop_lag_s > limit_s:
+            return False
+        return not (self._current is not None and self._engine.busy and self._engine.pid is None)
+
+    async def _supervise(self) -> None:
+        """READY once connected, or after a few seconds anyway (the agent runs offline);
+        watchdog pings only while healthy, so systemd restarts a hung agent."""
+        await asyncio.sleep(READY_AFTER_S)
+        if not self._ready_sent:
+            self._ready_sent = self._notifier.ready(self._status_line()) or True
+        interval = self._notifier.watchdog_interval_s
+        if interval is None:
+            return
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(interval)
+            lag = time.monotonic() - started - interval
+            if self.healthy(lag, limit_s=interval):
+                self._notifier.watchdog()
+            else:
+                self._log.error("unhealthy_no_watchdog_ping", loop_lag_s=round(lag, 3))
+            self._notifier.status(self._status_line())
+            self.metrics.outbox.set(self._outbox_depth)
 
     async def _publish_status(self, client: aiomqtt.Client, *, online: bool) -> None:
         decision = self.gate.last
@@ -680,6 +744,7 @@ class Agent:
             await self._event_soon(job, EventKind.FAILED, err.reason.value, detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
+        self.metrics.job_seconds.observe(runtime_ms / 1000)
         energy_wh = self._book_energy(item)
         # Compute is done: sealing and publishing overlap with the next job's compute.
         await self._deliveries.put(_Finished(item, outputs, runtime_ms, energy_wh))
@@ -721,6 +786,8 @@ class Agent:
                 self._outbox_depth = max(0, self._outbox_depth - 1)
                 # "succeeded" once the broker holds the result, not before.
                 self.counts[EventKind.SUCCEEDED.value] += 1
+                self.metrics.jobs.labels(kind="succeeded", reason="").inc()
+                self.metrics.outbox.set(self._outbox_depth)
                 self._log.info("job_succeeded", job_id=job_id, attempt=attempt)
                 event = JobEvent(
                     vehicle_id=self.vehicle_id,
@@ -832,6 +899,7 @@ class Agent:
         self, job: JobSpec | None, kind: EventKind, reason: str | None = None, detail: str = ""
     ) -> None:
         self.counts[kind.value] += 1
+        self.metrics.jobs.labels(kind=kind.value, reason=reason or "").inc()
         if reason:
             self.counts[f"{kind.value}:{reason}"] += 1
         ids = {"job_id": job.job_id, "attempt": job.attempt} if job else {}

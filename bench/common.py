@@ -170,6 +170,7 @@ dir = "{models}"
 dir = "state"
 
 [agent]
+metrics_port = 0
 {agent}
 """)
     return path

@@ -85,6 +85,7 @@ dir = "{MODELS}"
 dir = "state"
 
 [agent]
+metrics_port = 0
 capacity = 8
 work_request_interval_s = 0.5
 """

@@ -1,0 +1,49 @@
+"""Prometheus metrics on a localhost port (prometheus-client), one registry per agent."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from agent.core.gate import GateReason
+
+
+class AgentMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.gate_open = Gauge("edge_agent_gate_open", "1 while the car may compute", registry=r)
+        self.gate_reason = Gauge(
+            "edge_agent_gate_reason", "1 for each reason the gate is closed", ["reason"], registry=r
+        )
+        self.jobs = Counter(
+            "edge_agent_jobs", "Job events by kind and reason", ["kind", "reason"], registry=r
+        )
+        self.job_seconds = Histogram(
+            "edge_agent_job_seconds",
+            "Run time of succeeded jobs",
+            buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120, 600),
+            registry=r,
+        )
+        self.energy_today = Gauge(
+            "edge_agent_energy_today_wh", "Energy lent today (owner's day)", registry=r
+        )
+        self.outbox = Gauge(
+            "edge_agent_outbox_results", "Sealed results waiting for the broker", registry=r
+        )
+        self.reconnects = Counter("edge_agent_reconnects", "MQTT reconnection attempts", registry=r)
+        self.compute_power = Gauge("edge_agent_compute_power_w", "Compute module power", registry=r)
+        self.compute_temp = Gauge(
+            "edge_agent_compute_temp_c", "Compute module temperature", registry=r
+        )
+        self.duty = Gauge("edge_agent_duty", "Power governor duty cycle", registry=r)
+        for reason in GateReason:
+            self.gate_reason.labels(reason=reason.value).set(0)
+
+    def gate(self, open_: bool, reasons: list[str]) -> None:
+        self.gate_open.set(1 if open_ else 0)
+        for reason in GateReason:
+            self.gate_reason.labels(reason=reason.value).set(1 if reason.value in reasons else 0)
+
+    def serve(self, port: int) -> None:
+        """Serve /metrics on 127.0.0.1:`port` (a daemon thread of prometheus-client's)."""
+        start_http_server(port, addr="127.0.0.1", registry=self.registry)

@@ -1,0 +1,104 @@
+"""Operations: systemd notify and watchdog, Prometheus metrics, status, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+import pytest
+
+from agent.supervision import Notifier
+from broker.local import free_port
+from tests.support import job_spec, observing, running_agent, signed, wait_for, write_vehicle
+
+
+class FakeSystemd:
+    """A real datagram socket where systemd's would be; collects what the agent sends."""
+
+    def __init__(self, path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.setblocking(False)
+        self.messages: list[dict[str, str]] = []
+
+    def drain(self) -> list[dict[str, str]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return self.messages
+            self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+
+
+@pytest.fixture
+def systemd(tmp_path):
+    fake = FakeSystemd(tmp_path / "notify")
+    yield fake
+    fake.sock.close()
+
+
+def test_notifier_speaks_sd_notify(tmp_path, systemd):
+    """READY, STATUS, WATCHDOG and STOPPING arrive as KEY=value datagrams on $NOTIFY_SOCKET."""
+    n = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "4000000"})
+    assert n.enabled and n.watchdog_interval_s == 2.0
+    assert n.ready("gate open")
+    assert n.watchdog()
+    assert n.stopping()
+    assert systemd.drain() == [
+        {"READY": "1", "STATUS": "gate open"}, {"WATCHDOG": "1"},
+        {"STOPPING": "1", "STATUS": "stopping"},
+    ]
+
+
+def test_notifier_is_a_no_op_outside_systemd_and_for_other_pids():
+    """Without $NOTIFY_SOCKET nothing is sent; a watchdog meant for another pid is ignored."""
+    assert Notifier({}).ready("x") is False
+    other = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    assert other.watchdog_interval_s is None
+    assert other.send(READY="1") is False, "an unreachable socket is not an exception"
+
+
+def test_abstract_notify_socket(tmp_path):
+    """An @-prefixed NOTIFY_SOCKET is Linux's abstract namespace."""
+    name = f"edge-agent-test-{free_port()}"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    server.bind("\0" + name)
+    try:
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).status("hello")
+        assert server.recv(100) == b"STATUS=hello"
+    finally:
+        server.close()
+
+
+@pytest.mark.broker
+async def test_agent_is_ready_pings_the_watchdog_and_serves_metrics(
+    mosquitto, fleet, tmp_path, monkeypatch, systemd
+):
+    """Under a (fake) systemd the agent says READY with its gate state, pings the watchdog while
+    healthy, says STOPPING at the end; /metrics reports the gate and the jobs."""
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    port = free_port()
+    files = write_vehicle(tmp_path, "veh-ops", port=mosquitto.port, fleet=fleet,
+                          extra=f"metrics_port = {port}")
+    text = files.config_path.read_text().replace("metrics_port = 0\n", "", 1)
+    files.config_path.write_text(text)
+    async with observing(mosquitto.port, "veh-ops") as obs, running_agent(files) as agent:
+        await obs.send_job(signed(job_spec(fleet, "veh-ops"), fleet.job_key))
+        await wait_for(lambda: "succeeded" in obs.kinds(), what="job done")
+        await wait_for(lambda: sum("WATCHDOG" in m for m in systemd.drain()) >= 2, timeout=8,
+                       what="watchdog pings")
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        )
+        metrics = body.decode()
+        assert "edge_agent_gate_open 1.0" in metrics
+        assert 'edge_agent_jobs_total{kind="succeeded",reason=""} 1.0' in metrics
+        assert 'edge_agent_gate_reason{reason="not_parked"} 0.0' in metrics
+        assert agent.healthy(0.0, limit_s=0.1)
+        assert not agent.healthy(0.5, limit_s=0.1), "a stalled loop is not healthy"
+    messages = systemd.drain()
+    ready = next(m for m in messages if "READY" in m)
+    assert ready["STATUS"].startswith("gate open; connected")
+    assert {"STOPPING": "1", "STATUS": "stopping"} in messages
