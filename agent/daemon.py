@@ -357,6 +357,7 @@ class Agent:
                 continue
             applied = self.governor.duty
             duty = self.governor.update(sum(samples) / len(samples), applied)
+            self.metrics.duty.set(duty)
             if abs(duty - applied) > 0.05:
                 self._log.debug("duty_changed", duty=round(duty, 3), cap_w=self.governor.cap_w)
 
