@@ -3,6 +3,7 @@
 #   make demo    set up and run the end-to-end demo
 #   make lint    ruff and mypy
 #   make bench   the benchmarks (about 8 minutes); JSON and a plot under bench/results/
+#   make soak    a thousand jobs while the car is unplugged and plugged in every 3 s
 #   make models  regenerate the shipped models (needs the models extra)
 
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench models mosquitto clean
+.PHONY: setup test demo lint bench soak models mosquitto clean
 
 setup: mosquitto $(STAMP)
 
@@ -51,6 +52,9 @@ lint: setup
 bench: setup
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+soak: setup
+	$(BIN)/python -m bench.soak
 
 models: setup
 	$(BIN)/pip install -q -e '.[models]'

@@ -79,7 +79,9 @@ def _windows(trace: list[tuple[float, float, float]], skip_s: float) -> list[tup
     return out
 
 
-def _settle_s(trace: list[tuple[float, float, float]], change_at: float, cap: float) -> float | None:
+def _settle_s(
+    trace: list[tuple[float, float, float]], change_at: float, cap: float
+) -> float | None:
     """Seconds after `change_at` until the mean power since the change (over a trailing window
     of up to 1 s, at least 0.25 s) first comes within 5 % of `cap`."""
     after = [(t, p) for t, p, _ in trace if t >= change_at]
@@ -164,7 +166,23 @@ def _plot(
         return
     fig, axes = plt.subplots(len(traces) + 1, 1, figsize=(9, 2.2 * (len(traces) + 1)), sharex=False)
     for ax, (name, trace) in zip(axes, [*traces.items(), ("cap change", step)], strict=True):
-        ax.plot([t for t, *_ in trace], [p for _, p, _ in trace], lw=0.7, label="compute power")
+        ax.plot(
+            [t for t, *_ in trace],
+            [p for _, p, _ in trace],
+            lw=0.3,
+            color="0.7",
+            label="power, 20 ms samples",
+        )
+        rolling = [
+            (
+                t,
+                sum(p for ts, p, _ in trace if t - 1.0 < ts <= t)
+                / max(1, sum(1 for ts, *_ in trace if t - 1.0 < ts <= t)),
+            )
+            for t, *_ in trace[::5]
+            if t >= 1.0
+        ]
+        ax.plot([t for t, _ in rolling], [p for _, p in rolling], lw=1.2, label="1 s mean")
         ax.plot([t for t, *_ in trace], [c for *_, c in trace], "r--", lw=1, label="cap")
         ax.set_ylabel("W")
         ax.set_title(
