@@ -187,6 +187,7 @@ class AgentSection(_Section):
     governor_period_s: float = Field(default=0.5, ge=0.05, le=10.0)
     outbox_max: int = Field(default=500, ge=1, le=1_000_000)
     metrics_port: int = Field(default=9464, ge=0, le=65535)  # 0: no metrics endpoint
+    heartbeat_s: float = Field(default=10.0, ge=0.1, le=3600)
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=300)
 
 

@@ -152,6 +152,7 @@ class Agent:
         self._deliveries: asyncio.Queue[_Finished] = asyncio.Queue(maxsize=self._capacity)
         # Replay record: (job_id, attempt) of every job seen. In memory for now.
         self._jobs = jobs
+        self._held: dict[tuple[str, int], JobSpec] = {}  # accepted and not finished, for heartbeats
         self.metrics = AgentMetrics()
         self._notifier = notifier or Notifier()
         self._ready_sent = False
@@ -223,6 +224,7 @@ class Agent:
         # Phase 2: hand back what was accepted but not started.
         while not self._queue.empty():
             item = self._queue.get_nowait()
+            self._held.pop((item.job.job_id, item.job.attempt), None)
             await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, "shutdown", "agent stopping")
         # Phase 3: flush the outbox while connected (what stays is sent at the next start).
@@ -509,6 +511,7 @@ class Agent:
                         tg.create_task(self._receive_jobs(client), name="job-receiver")
                         tg.create_task(self._request_work(client), name="work-requester")
                         tg.create_task(self._publish_statuses(client), name="status-publisher")
+                        tg.create_task(self._heartbeat(client), name="job-heartbeat")
             except* aiomqtt.MqttError as group:
                 self._log.warning("disconnected", reason=str(group.exceptions[0]))
             finally:
@@ -675,6 +678,7 @@ class Agent:
             await self._event(job, EventKind.RELEASED, Reason.BUSY.value, "no free slot")
         else:
             self._queue.put_nowait(AcceptedJob(job, model, verified.digest))
+            self._held[(job.job_id, job.attempt)] = job
             await self._event(job, EventKind.ACCEPTED)
         self._wake_requester.set()
 
@@ -685,42 +689,48 @@ class Agent:
             self._executor_idle.set()
             item = await self._queue.get()
             self._executor_idle.clear()
-            if not self.gate.is_open or self._stopping:
-                reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
-                await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
-                await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
-                continue
-            run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
-            self._current = (item, run)
-            self._job_running.set()
             try:
-                await asyncio.wait({run})
+                await self._execute_one(item)
             finally:
-                if not run.done():
-                    run.cancel()
-                self._current = None
-                self._job_running.clear()
-            if run.cancelled():
-                await self._close_energy(item, "preempted")
-                await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
-            elif (exc := run.exception()) is not None:
-                self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
-                await self._close_energy(item, "failed")
-                await self._event_soon(
-                    item.job,
-                    EventKind.FAILED,
-                    Reason.RUNTIME_ERROR.value,
-                    f"agent error: {type(exc).__name__}",
-                )
-            if run.cancelled():
-                await self._event_soon(
-                    item.job,
-                    EventKind.PREEMPTED,
-                    self._preempt_reason,
-                    "compute stopped; job handed back",
-                )
-            self._energy_booked.discard((item.job.job_id, item.job.attempt))
-            self._wake_requester.set()
+                self._held.pop((item.job.job_id, item.job.attempt), None)
+
+    async def _execute_one(self, item: AcceptedJob) -> None:
+        if not self.gate.is_open or self._stopping:
+            reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
+            await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
+            return
+        run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
+        self._current = (item, run)
+        self._job_running.set()
+        try:
+            await asyncio.wait({run})
+        finally:
+            if not run.done():
+                run.cancel()
+            self._current = None
+            self._job_running.clear()
+        if run.cancelled():
+            await self._close_energy(item, "preempted")
+            await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
+        elif (exc := run.exception()) is not None:
+            self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
+            await self._close_energy(item, "failed")
+            await self._event_soon(
+                item.job,
+                EventKind.FAILED,
+                Reason.RUNTIME_ERROR.value,
+                f"agent error: {type(exc).__name__}",
+            )
+        if run.cancelled():
+            await self._event_soon(
+                item.job,
+                EventKind.PREEMPTED,
+                self._preempt_reason,
+                "compute stopped; job handed back",
+            )
+        self._energy_booked.discard((item.job.job_id, item.job.attempt))
+        self._wake_requester.set()
 
     async def _run_job(self, item: AcceptedJob) -> None:
         job = item.job
@@ -801,6 +811,22 @@ class Agent:
                     topic(self.vehicle_id, Channel.EVENTS), dump_model(event), qos=1
                 )
             self._wake_requester.set()
+
+    async def _heartbeat(self, client: aiomqtt.Client) -> None:
+        """Tell the dispatcher every heartbeat_s which jobs this vehicle still holds."""
+        while True:
+            await asyncio.sleep(self.config.agent.heartbeat_s)
+            for job in list(self._held.values()):
+                event = JobEvent(
+                    vehicle_id=self.vehicle_id,
+                    job_id=job.job_id,
+                    attempt=job.attempt,
+                    kind=EventKind.HEARTBEAT,
+                    at=self._clock(),
+                )
+                await client.publish(
+                    topic(self.vehicle_id, Channel.EVENTS), dump_model(event), qos=1
+                )
 
     async def _report_interrupted(self) -> None:
         """Hand back the jobs a previous run accepted and never finished (once, on connect)."""

@@ -32,6 +32,7 @@ from broker.queue import JobQueue, Lease
 
 MAX_MESSAGE_BYTES = 64 * 1024
 _HAND_BACK = {EventKind.RELEASED, EventKind.PREEMPTED, EventKind.REJECTED, EventKind.FAILED}
+_STILL_HELD = {EventKind.ACCEPTED, EventKind.RUNNING, EventKind.HEARTBEAT}
 
 
 class FleetNode:
@@ -176,6 +177,8 @@ class FleetNode:
             raise WireError(Reason.WRONG_VEHICLE, f"event names {event.vehicle_id}")
         self.events[vehicle_id][event.kind.value] += 1
         self.event_log.append(event)
+        if event.kind in _STILL_HELD and event.job_id is not None and event.attempt is not None:
+            self.queue.extend_lease(event.job_id, event.attempt, vehicle_id, self._clock())
         if event.kind in _HAND_BACK and event.job_id is not None and event.attempt is not None:
             self.queue.hand_back(
                 event.job_id,

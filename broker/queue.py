@@ -152,6 +152,15 @@ class JobQueue:
                 )
             return len(rows)
 
+    def extend_lease(self, job_id: str, attempt: int, vehicle_id: str, now: float) -> bool:
+        """The vehicle says it still holds this attempt: its lease runs from now again."""
+        cur = self._db.execute(
+            "UPDATE jobs SET lease_expires = ? WHERE job_id = ? AND attempts = ? "
+            "AND vehicle_id = ? AND state = 'leased'",
+            (now + self.lease_s, job_id, attempt, vehicle_id),
+        )
+        return cur.rowcount == 1
+
     def hand_back(self, job_id: str, attempt: int, vehicle_id: str, reason: str, now: float) -> int:
         """The vehicle released, was preempted on, rejected or failed this attempt."""
         return self._end_lease(

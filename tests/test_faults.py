@@ -31,10 +31,14 @@ def _burn_template(fleet, rows: int) -> JobTemplate:
     from agent.wire.tensors import Tensor
 
     return JobTemplate(
-        job_class="burn", model=BURN_REF,
-        inputs={"x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
-                "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64))},
-        limits=Limits(max_runtime_s=30), requester_key=raw_public(fleet.requester.public_key()),
+        job_class="burn",
+        model=BURN_REF,
+        inputs={
+            "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
+            "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
+        },
+        limits=Limits(max_runtime_s=30),
+        requester_key=raw_public(fleet.requester.public_key()),
         lifetime_s=600,
     )
 
@@ -42,17 +46,27 @@ def _burn_template(fleet, rows: int) -> JobTemplate:
 def _start_agent(files) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
 
 
 @contextlib.asynccontextmanager
 async def _fleet(port: int, fleet, files, tmp_path, jobs: int, rows: int):
     queue = JobQueue(tmp_path / "fleet.db", lease_s=4.0, max_attempts=20)
-    collector = Collector(vehicles={files.vehicle_id: files.key.public_key()},
-                          requester_key=fleet.requester, digest_for=queue.assignment_digest)
-    node = FleetNode(host="127.0.0.1", port=port, queue=queue, signing_key=fleet.job_key,
-                     collector=collector, lease_tick_s=0.2)
+    collector = Collector(
+        vehicles={files.vehicle_id: files.key.public_key()},
+        requester_key=fleet.requester,
+        digest_for=queue.assignment_digest,
+    )
+    node = FleetNode(
+        host="127.0.0.1",
+        port=port,
+        queue=queue,
+        signing_key=fleet.job_key,
+        collector=collector,
+        lease_tick_s=0.2,
+    )
     ids = [queue.submit(_burn_template(fleet, rows), now=time.time()) for _ in range(jobs)]
     task = asyncio.create_task(node.run(), name="fleet")
     try:
@@ -70,10 +84,19 @@ async def test_sigkill_at_random_points_loses_no_result(fleet, tmp_path):
     exactly one verified result at the collector; redeliveries are suppressed as duplicates."""
     rng = random.Random(5)
     with LocalMosquitto(tmp_path / "mq") as mq:
-        files = write_vehicle(tmp_path, "veh-kill", port=mq.port, fleet=fleet,
-                              limits="power_cap_w = 2000", extra="worker_idle_s = 30")
+        files = write_vehicle(
+            tmp_path,
+            "veh-kill",
+            port=mq.port,
+            fleet=fleet,
+            limits="power_cap_w = 2000",
+            extra="worker_idle_s = 30",
+        )
         async with _fleet(mq.port, fleet, files, tmp_path, jobs=40, rows=3000) as (
-            _node, queue, collector, ids
+            _node,
+            queue,
+            collector,
+            ids,
         ):
             proc = _start_agent(files)
             kills = 0
@@ -84,16 +107,21 @@ async def test_sigkill_at_random_points_loses_no_result(fleet, tmp_path):
                     await asyncio.to_thread(proc.wait, 10)
                     kills += 1
                     proc = _start_agent(files)
-                await wait_for(lambda: len(collector.results) == len(ids), timeout=90,
-                               what="every job's result")
+                await wait_for(
+                    lambda: len(collector.results) == len(ids),
+                    timeout=90,
+                    what="every job's result",
+                )
             finally:
                 proc.terminate()
                 await asyncio.to_thread(proc.wait, 15)
             assert set(collector.results) == set(ids)
             assert queue.counts() == {"done": len(ids)}
             assert kills == 3
-            print(f"jobs {len(ids)}, kills {kills}, results {len(collector.results)}, "
-                  f"duplicates suppressed {collector.duplicates}")
+            print(
+                f"jobs {len(ids)}, kills {kills}, results {len(collector.results)}, "
+                f"duplicates suppressed {collector.duplicates}"
+            )
 
 
 async def test_broker_outage_longer_than_keepalive_loses_no_result(fleet, tmp_path):
@@ -101,12 +129,22 @@ async def test_broker_outage_longer_than_keepalive_loses_no_result(fleet, tmp_pa
     agent and fleet reconnect and every job still ends with exactly one result."""
     with LocalMosquitto(tmp_path / "mq") as mq:
         port = mq.port
-        files = write_vehicle(tmp_path, "veh-outage", port=port, fleet=fleet,
-                              limits="power_cap_w = 2000", extra="worker_idle_s = 30")
-        files.config_path.write_text(files.config_path.read_text().replace(
-            'port = ', 'keepalive_s = 5\nport = '))
+        files = write_vehicle(
+            tmp_path,
+            "veh-outage",
+            port=port,
+            fleet=fleet,
+            limits="power_cap_w = 2000",
+            extra="worker_idle_s = 30",
+        )
+        files.config_path.write_text(
+            files.config_path.read_text().replace("[broker]\n", "[broker]\nkeepalive_s = 5\n")
+        )
         async with _fleet(port, fleet, files, tmp_path, jobs=30, rows=3000) as (
-            node, _queue, collector, ids
+            node,
+            _queue,
+            collector,
+            ids,
         ):
             proc = _start_agent(files)
             try:
@@ -116,8 +154,11 @@ async def test_broker_outage_longer_than_keepalive_loses_no_result(fleet, tmp_pa
                 restarted = LocalMosquitto(tmp_path / "mq2", port=port)
                 restarted.start()
                 try:
-                    await wait_for(lambda: len(collector.results) == len(ids), timeout=90,
-                                   what="every job's result after the outage")
+                    await wait_for(
+                        lambda: len(collector.results) == len(ids),
+                        timeout=90,
+                        what="every job's result after the outage",
+                    )
                 finally:
                     proc.terminate()
                     await asyncio.to_thread(proc.wait, 15)
@@ -168,7 +209,86 @@ def test_unwritable_state_directory_refuses_to_start(tmp_path, fleet):
     blocker.write_text("a file where the state directory should be")
     proc = subprocess.run(
         [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
     )
     assert proc.returncode == ExitCode.CONFIG
     assert "state database" in proc.stdout and "writable" in proc.stdout
+
+
+@pytest.mark.parametrize(("grace", "outcome"), [(10.0, "finished"), (0.3, "handed_back")])
+async def test_sigterm_during_a_long_job(fleet, tmp_path, grace, outcome):
+    """SIGTERM mid-job: with time to spare the job finishes and its result is delivered before the
+    agent exits; with a short grace it is handed back and completed on the next run."""
+    with LocalMosquitto(tmp_path / "mq") as mq:
+        files = write_vehicle(
+            tmp_path,
+            "veh-term",
+            port=mq.port,
+            fleet=fleet,
+            limits="power_cap_w = 2000",
+            extra=f"shutdown_grace_s = {grace}",
+        )
+        async with _fleet(mq.port, fleet, files, tmp_path, jobs=1, rows=40_000) as (
+            node,
+            queue,
+            collector,
+            ids,
+        ):
+            proc = _start_agent(files)
+            try:
+                await wait_for(
+                    lambda: node.events["veh-term"]["running"] >= 1, timeout=20, what="job running"
+                )
+                await asyncio.sleep(0.3)
+                proc.send_signal(signal.SIGTERM)
+                rc = await asyncio.to_thread(proc.wait, 30)
+                assert rc == 0
+                if outcome == "finished":
+                    await wait_for(lambda: set(collector.results) == set(ids), what="result")
+                    assert node.events["veh-term"]["preempted"] == 0
+                else:
+                    await wait_for(lambda: queue.counts().get("queued") == 1, what="requeued")
+                    assert collector.results == {}
+                    proc = _start_agent(files)
+                    await wait_for(
+                        lambda: set(collector.results) == set(ids),
+                        timeout=60,
+                        what="completed on the next run",
+                    )
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    await asyncio.to_thread(proc.wait, 15)
+
+
+async def test_heartbeats_keep_a_long_job_leased(fleet, tmp_path):
+    """A job longer than its lease is not handed to anyone else while the vehicle heartbeats."""
+    with LocalMosquitto(tmp_path / "mq") as mq:
+        files = write_vehicle(
+            tmp_path,
+            "veh-beat",
+            port=mq.port,
+            fleet=fleet,
+            limits="power_cap_w = 2000",
+            extra="heartbeat_s = 0.3",
+        )
+        async with _fleet(mq.port, fleet, files, tmp_path, jobs=1, rows=60_000) as (
+            node,
+            queue,
+            collector,
+            ids,
+        ):
+            queue.lease_s = 1.0
+            proc = _start_agent(files)
+            try:
+                await wait_for(
+                    lambda: set(collector.results) == set(ids), timeout=60, what="result"
+                )
+            finally:
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 15)
+            assert queue.state_of(ids[0])[:2] == ("done", 1), "one attempt: never re-leased"
+            assert node.events["veh-beat"]["heartbeat"] >= 2

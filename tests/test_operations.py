@@ -46,7 +46,8 @@ def test_notifier_speaks_sd_notify(tmp_path, systemd):
     assert n.watchdog()
     assert n.stopping()
     assert systemd.drain() == [
-        {"READY": "1", "STATUS": "gate open"}, {"WATCHDOG": "1"},
+        {"READY": "1", "STATUS": "gate open"},
+        {"WATCHDOG": "1"},
         {"STOPPING": "1", "STATUS": "stopping"},
     ]
 
@@ -54,7 +55,9 @@ def test_notifier_speaks_sd_notify(tmp_path, systemd):
 def test_notifier_is_a_no_op_outside_systemd_and_for_other_pids():
     """Without $NOTIFY_SOCKET nothing is sent; a watchdog meant for another pid is ignored."""
     assert Notifier({}).ready("x") is False
-    other = Notifier({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"})
+    other = Notifier(
+        {"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}
+    )
     assert other.watchdog_interval_s is None
     assert other.send(READY="1") is False, "an unreachable socket is not an exception"
 
@@ -80,15 +83,19 @@ async def test_agent_is_ready_pings_the_watchdog_and_serves_metrics(
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")
     port = free_port()
-    files = write_vehicle(tmp_path, "veh-ops", port=mosquitto.port, fleet=fleet,
-                          extra=f"metrics_port = {port}")
+    files = write_vehicle(
+        tmp_path, "veh-ops", port=mosquitto.port, fleet=fleet, extra=f"metrics_port = {port}"
+    )
     text = files.config_path.read_text().replace("metrics_port = 0\n", "", 1)
     files.config_path.write_text(text)
     async with observing(mosquitto.port, "veh-ops") as obs, running_agent(files) as agent:
         await obs.send_job(signed(job_spec(fleet, "veh-ops"), fleet.job_key))
         await wait_for(lambda: "succeeded" in obs.kinds(), what="job done")
-        await wait_for(lambda: sum("WATCHDOG" in m for m in systemd.drain()) >= 2, timeout=8,
-                       what="watchdog pings")
+        await wait_for(
+            lambda: sum("WATCHDOG" in m for m in systemd.drain()) >= 2,
+            timeout=8,
+            what="watchdog pings",
+        )
         body = await asyncio.to_thread(
             lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
         )

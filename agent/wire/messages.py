@@ -90,6 +90,9 @@ class EventKind(StrEnum):
     REJECTED = "rejected"
     PREEMPTED = "preempted"
     RELEASED = "released"
+    # Sent every agent.heartbeat_s for each job the vehicle holds: the dispatcher extends
+    # the job's lease, so a long job is not handed to another vehicle while it runs.
+    HEARTBEAT = "heartbeat"
 
 
 class JobEvent(WireModel):
