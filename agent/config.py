@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from agent.core.schedule import AllowedHours, parse_window
+from agent.wire.mqtt import is_loopback
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")
@@ -156,8 +157,28 @@ class LimitsSection(_Section):
 
 class BrokerSection(_Section):
     host: str = "127.0.0.1"
-    port: int = Field(default=1883, ge=1, le=65535)
+    port: int = Field(default=8883, ge=1, le=65535)
     keepalive_s: int = Field(default=30, ge=5, le=3600)
+    tls: bool = True
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _tls_or_local_test(self) -> BrokerSection:
+        if self.tls:
+            missing = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is None]
+            if missing:
+                raise ValueError(
+                    f"tls = true needs {', '.join(missing)}: the fleet CA, and this vehicle's "
+                    "certificate and key from `edge-fleet provision`"
+                )
+        elif not is_loopback(self.host):
+            raise ValueError(
+                f"tls = false is only for a test broker on this machine, not {self.host!r}: "
+                "set ca_file, cert_file and key_file and keep tls = true"
+            )
+        return self
 
 
 class KeysSection(_Section):
@@ -202,7 +223,7 @@ class AgentConfig(BaseSettings):
     vehicle: VehicleSection
     sensors: SensorsSection = SensorsSection()
     limits: LimitsSection = LimitsSection()
-    broker: BrokerSection = BrokerSection()
+    broker: BrokerSection
     keys: KeysSection
     models: ModelsSection
     state: StateSection = StateSection()
@@ -224,6 +245,9 @@ _PATH_KEYS = (
     ("vehicle", "scenario"),
     ("vehicle", "control_socket"),
     ("sensors", "sysfs_root"),
+    ("broker", "ca_file"),
+    ("broker", "cert_file"),
+    ("broker", "key_file"),
     ("keys", "vehicle_key"),
     ("keys", "trusted_job_keys"),
     ("models", "dir"),

@@ -60,7 +60,7 @@ from agent.wire.messages import (
     VehicleStatus,
     WorkRequest,
 )
-from agent.wire.mqtt import NO_DELAY
+from agent.wire.mqtt import NO_DELAY, client_tls
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
@@ -474,6 +474,10 @@ class Agent:
             at=self._clock(),
         )
         b = self.config.broker
+        tls = None
+        if b.tls:
+            # The config's validator guarantees all three when tls is on.
+            tls = client_tls(b.ca_file, b.cert_file, b.key_file)  # type: ignore[arg-type]
         return aiomqtt.Client(
             b.host,
             b.port,
@@ -488,6 +492,7 @@ class Agent:
             properties=props,
             timeout=10,
             socket_options=NO_DELAY,
+            tls_context=tls,
         )
 
     async def _stay_connected(self) -> None:

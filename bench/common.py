@@ -157,6 +157,7 @@ daily_energy_wh = 100000
 {limits}
 
 [broker]
+tls = false  # a private plaintext broker on loopback
 port = {port}
 
 [keys]

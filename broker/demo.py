@@ -71,6 +71,7 @@ resume_compute_temp_c = 80.0
 gate_hold_s = 0
 
 [broker]
+tls = false  # a private plaintext broker on loopback
 host = "127.0.0.1"
 port = {port}
 

@@ -11,6 +11,7 @@ topic it came on.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -47,7 +48,9 @@ class FleetNode:
         clock: Callable[[], float] = time.time,
         lease_tick_s: float = 1.0,
         on_result: Callable[[Collected], None] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self._tls = tls
         self.host, self.port = host, port
         self.queue = queue
         self.collector = collector
@@ -78,6 +81,7 @@ class FleetNode:
                     protocol=aiomqtt.ProtocolVersion.V5,
                     max_queued_incoming_messages=10_000,
                     socket_options=NO_DELAY,
+                    tls_context=self._tls,
                 ) as client:
                     for channel in (Channel.WORK, Channel.EVENTS, Channel.STATUS, Channel.RESULTS):
                         await client.subscribe(all_vehicles(channel), qos=1)

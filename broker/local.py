@@ -8,6 +8,10 @@ import subprocess
 import time
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from broker.provision import FleetPki
 
 
 class BrokerError(Exception):
@@ -36,8 +40,12 @@ def mosquitto_binary() -> str:
 class LocalMosquitto:
     """A mosquitto process of our own, listening on 127.0.0.1:`port`."""
 
-    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, *, port: int | None = None, pki: FleetPki | None = None
+    ) -> None:
+        """Plaintext on loopback, or with `pki`: TLS with client certificates and the ACL."""
         self.workdir = workdir
+        self.pki = pki
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -45,9 +53,27 @@ class LocalMosquitto:
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        template = resources.files("broker").joinpath("mosquitto/local.conf").read_text()
+        files = resources.files("broker")
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(template.format(port=self.port, log_file=self.log_file))
+        if self.pki is None:
+            template = files.joinpath("mosquitto/local.conf").read_text()
+            conf.write_text(template.format(port=self.port, log_file=self.log_file))
+        else:
+            acl = self.workdir / "acl"
+            acl.write_text(files.joinpath("mosquitto/acl").read_text())
+            template = files.joinpath("mosquitto/secure.conf").read_text()
+            conf.write_text(
+                template.format(
+                    port=self.port,
+                    host=self.host,
+                    log_file=self.log_file,
+                    cafile=self.pki.ca,
+                    certfile=self.pki.broker.cert,
+                    keyfile=self.pki.broker.key,
+                    acl_file=acl,
+                )
+            )
+
         self.log_file.touch()
         self.log_file.chmod(0o666)  # mosquitto drops to its own user when started as root
         self._proc = subprocess.Popen(

@@ -95,6 +95,7 @@ gate_hold_s = {hold_s}
 {limits}
 
 [broker]
+tls = false  # a private plaintext broker on loopback
 host = "127.0.0.1"
 port = {port}
 

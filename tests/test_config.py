@@ -20,6 +20,9 @@ consent_date = 2026-11-01
 [vehicle]
 id = "veh-001"
 
+[broker]
+tls = false
+
 [keys]
 vehicle_key = "keys/vehicle.key"
 trusted_job_keys = "/etc/edge-agent/trusted.json"
@@ -40,6 +43,18 @@ def test_good_config_loads_with_defaults_and_resolves_relative_paths(tmp_path):
 
 
 BAD_CASES = [
+    pytest.param(
+        ("tls = false", "tls = true"),
+        "`broker`: tls = true needs ca_file, cert_file, key_file: the fleet CA, and this "
+        "vehicle's certificate and key from `edge-fleet provision`",
+        id="tls-without-files",
+    ),
+    pytest.param(
+        ("tls = false", "tls = false\nhost = 'broker.fleet.example'"),
+        "`broker`: tls = false is only for a test broker on this machine, not "
+        "'broker.fleet.example': set ca_file, cert_file and key_file and keep tls = true",
+        id="plaintext-to-a-remote-broker",
+    ),
     pytest.param(
         ("[vehicle]", "[vehicle]\ncolour = 'red'"),
         "`vehicle.colour`: unknown key (check its spelling; docs/config.md lists every key)",
@@ -62,7 +77,7 @@ BAD_CASES = [
         id="not-a-number",
     ),
     pytest.param(
-        ("[models]", "[broker]\nport = 70000\n[models]"),
+        ("tls = false", "tls = false\nport = 70000"),
         "`broker.port` = 70000: Input should be less than or equal to 65535",
         id="port-range",
     ),
