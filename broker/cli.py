@@ -1,17 +1,20 @@
 """`edge-fleet`: the fleet side's command line.
 
-edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
-edge-fleet broker [--port P]          a local Mosquitto for trying things out
-edge-fleet keygen --job-key PATH --trusted-out PATH
-                                      a job-signing key and the trusted-keys file for vehicles
-edge-fleet keygen --requester-key PATH
-                                      a requester's X25519 key for receiving results
-edge-fleet register --registry PATH --vehicle-id ID --public-key B64
-                                      record a vehicle's result-signing key
-edge-fleet submit --queue DB --requester-key PATH [--count N]
-                                      queue digit jobs from the shipped held-out set
-edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH [--host H --port P]
-                                      the dispatcher and collector
+    edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
+    edge-fleet broker [--port P]          a local Mosquitto for trying things out
+    edge-fleet keygen --job-key PATH --trusted-out PATH
+                                          a job-signing key and the trusted-keys file for vehicles
+    edge-fleet keygen --requester-key PATH
+                                          a requester's X25519 key for receiving results
+    edge-fleet register --registry PATH --vehicle-id ID --public-key B64
+                                          record a vehicle's result-signing key
+    edge-fleet submit --queue DB --requester-key PATH [--count N]
+                                          queue digit jobs from the shipped held-out set
+    edge-fleet provision --dir DIR [--vehicle ID ...] [--host NAME ...]
+                                          the fleet CA, broker and fleet-tool certificates
+                                          (first run), and a certificate per vehicle
+    edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH
+                     [--host H --port P]  the dispatcher and collector (plaintext, loopback)
 """
 
 from __future__ import annotations
@@ -71,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument("--requester-key", type=Path, required=True)
     sb.add_argument("--count", type=int, default=10)
     sb.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    pv = sub.add_parser("provision", help="create the fleet's certificates")
+    pv.add_argument("--dir", type=Path, required=True)
+    pv.add_argument("--vehicle", action="append", default=[], metavar="ID")
+    pv.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name or address the broker's certificate must carry",
+    )
     sv = sub.add_parser("serve", help="run the dispatcher and collector")
     sv.add_argument("--queue", type=Path, required=True)
     sv.add_argument("--job-key", type=Path, required=True)
@@ -172,6 +185,20 @@ def _submit(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from broker.provision import ProvisionError, provision
+
+    try:
+        pki = provision(args.dir, args.vehicle, tuple(args.host))
+    except ProvisionError as exc:
+        print(f"nothing provisioned: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    print(f"fleet CA {pki.ca}; broker {pki.broker.cert}; fleet tools {pki.fleet.cert}")
+    for vid in args.vehicle:
+        print(f"vehicle {vid}: {pki.vehicle(vid).cert} and {pki.vehicle(vid).key} (0600)")
+    return ExitCode.OK
+
+
 async def _serve(args: argparse.Namespace) -> int:
     from broker.collector import Collector
     from broker.fleet import FleetNode
@@ -249,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             return _register(args)
         if args.command == "submit":
             return _submit(args)
+        if args.command == "provision":
+            return _provision(args)
         if args.command == "serve":
             return asyncio.run(_serve(args))
         if args.command == "broker":

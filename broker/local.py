@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -26,6 +27,12 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _user_line() -> str:
+    """Started as root, mosquitto drops to the `mosquitto` user, which cannot read a private
+    temporary folder (its log and ACL files): this local broker stays the user that started it."""
+    return "user root" if os.geteuid() == 0 else ""
 
 
 def mosquitto_binary() -> str:
@@ -57,7 +64,9 @@ class LocalMosquitto:
         conf = self.workdir / "mosquitto.conf"
         if self.pki is None:
             template = files.joinpath("mosquitto/local.conf").read_text()
-            conf.write_text(template.format(port=self.port, log_file=self.log_file))
+            conf.write_text(
+                template.format(port=self.port, log_file=self.log_file, user_line=_user_line())
+            )
         else:
             acl = self.workdir / "acl"
             acl.write_text(files.joinpath("mosquitto/acl").read_text())
@@ -71,11 +80,11 @@ class LocalMosquitto:
                     certfile=self.pki.broker.cert,
                     keyfile=self.pki.broker.key,
                     acl_file=acl,
+                    user_line=_user_line(),
                 )
             )
 
         self.log_file.touch()
-        self.log_file.chmod(0o666)  # mosquitto drops to its own user when started as root
         self._proc = subprocess.Popen(
             [mosquitto_binary(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,
