@@ -198,6 +198,7 @@ class AgentSection(_Section):
     capacity: int = Field(default=2, ge=1, le=64)
     work_request_interval_s: float = Field(default=2.0, gt=0, le=600)
     vehicle_poll_s: float = Field(default=0.1, ge=0.005, le=10)
+    closed_poll_s: float = Field(default=1.0, ge=0.005, le=60)
     max_message_bytes: int = Field(default=1024 * 1024, ge=1024, le=64 * 1024 * 1024)
     max_input_bytes: int = Field(default=4 * 1024 * 1024, ge=1, le=64 * 1024 * 1024)
     max_clock_skew_s: float = Field(default=60.0, ge=0, le=3600)

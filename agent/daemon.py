@@ -320,7 +320,15 @@ class Agent:
                 await asyncio.to_thread(
                     self._ledger.save_day, self.energy.day, self.energy.today_wh
                 )
-            await asyncio.sleep(self.config.agent.vehicle_poll_s)
+            # Fast while computing (a close must stop compute at once); slower while the gate
+            # is closed and nothing runs, where a second's delay in reopening costs nothing.
+            busy = self.gate.is_open or self._current is not None
+            agent_cfg = self.config.agent
+            await asyncio.sleep(
+                agent_cfg.vehicle_poll_s
+                if busy
+                else max(agent_cfg.vehicle_poll_s, agent_cfg.closed_poll_s)
+            )
 
     def _on_gate_change(self, decision: GateDecision) -> None:
         reasons = [r.value for r in decision.reasons]
