@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 import time
 from collections.abc import Callable
 
@@ -19,6 +20,7 @@ from agent.vehicle.sensors.mains import MainsSupply
 from agent.vehicle.sensors.thermal import HottestZone
 from agent.vehicle.snapshot import VehicleSignals
 from agent.wire.keys import KeyFileError, KeyRing, load_signing_key
+from agent.wire.mqtt import client_tls
 
 
 class StartupError(Exception):
@@ -61,6 +63,16 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         jobs = JobStore(config.state.dir / "state.db")
     except (KeyFileError, ScenarioError, ModelStoreError, StateError) as exc:
         raise StartupError(str(exc)) from None
+    tls = None
+    b = config.broker
+    if b.tls:
+        try:  # the config's validator guarantees the three files are named
+            tls = client_tls(b.ca_file, b.cert_file, b.key_file)  # type: ignore[arg-type]
+        except (OSError, ssl.SSLError) as exc:
+            raise StartupError(
+                f"broker TLS files ({b.ca_file}, {b.cert_file}, {b.key_file}) cannot be used: "
+                f"{exc}; provision them with `edge-fleet provision`"
+            ) from None
     if len(trusted) == 0:
         raise StartupError(f"{config.keys.trusted_job_keys} lists no job-signing key")
     emulated = EmulatedVehicle(scenario, started_at=clock(), time_scale=config.vehicle.time_scale)
@@ -78,6 +90,7 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         ledger=ledger,
         jobs=jobs,
         clock=clock,
+        tls=tls,
     )
     emulated.attach_load(agent.compute_load)
     return agent

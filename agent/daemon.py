@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,7 +61,7 @@ from agent.wire.messages import (
     VehicleStatus,
     WorkRequest,
 )
-from agent.wire.mqtt import NO_DELAY, client_tls
+from agent.wire.mqtt import NO_DELAY
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
@@ -123,7 +124,9 @@ class Agent:
         jobs: JobStore,
         clock: Callable[[], float] = time.time,
         notifier: Notifier | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
+        self._tls = tls
         self.config = config
         self.vehicle_id = config.vehicle.id
         self._vehicle = vehicle
@@ -482,10 +485,6 @@ class Agent:
             at=self._clock(),
         )
         b = self.config.broker
-        tls = None
-        if b.tls:
-            # The config's validator guarantees all three when tls is on.
-            tls = client_tls(b.ca_file, b.cert_file, b.key_file)  # type: ignore[arg-type]
         return aiomqtt.Client(
             b.host,
             b.port,
@@ -500,7 +499,7 @@ class Agent:
             properties=props,
             timeout=10,
             socket_options=NO_DELAY,
-            tls_context=tls,
+            tls_context=self._tls,
         )
 
     async def _stay_connected(self) -> None:

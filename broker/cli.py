@@ -1,20 +1,20 @@
 """`edge-fleet`: the fleet side's command line.
 
-    edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
-    edge-fleet broker [--port P]          a local Mosquitto for trying things out
-    edge-fleet keygen --job-key PATH --trusted-out PATH
-                                          a job-signing key and the trusted-keys file for vehicles
-    edge-fleet keygen --requester-key PATH
-                                          a requester's X25519 key for receiving results
-    edge-fleet register --registry PATH --vehicle-id ID --public-key B64
-                                          record a vehicle's result-signing key
-    edge-fleet submit --queue DB --requester-key PATH [--count N]
-                                          queue digit jobs from the shipped held-out set
-    edge-fleet provision --dir DIR [--vehicle ID ...] [--host NAME ...]
-                                          the fleet CA, broker and fleet-tool certificates
-                                          (first run), and a certificate per vehicle
-    edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH
-                     [--host H --port P]  the dispatcher and collector (plaintext, loopback)
+edge-fleet demo [--jobs N]            the end-to-end demo (make demo)
+edge-fleet broker [--port P]          a local Mosquitto for trying things out
+edge-fleet keygen --job-key PATH --trusted-out PATH
+                                      a job-signing key and the trusted-keys file for vehicles
+edge-fleet keygen --requester-key PATH
+                                      a requester's X25519 key for receiving results
+edge-fleet register --registry PATH --vehicle-id ID --public-key B64
+                                      record a vehicle's result-signing key
+edge-fleet submit --queue DB --requester-key PATH [--count N]
+                                      queue digit jobs from the shipped held-out set
+edge-fleet provision --dir DIR [--vehicle ID ...] [--host NAME ...]
+                                      the fleet CA, broker and fleet-tool certificates
+                                      (first run), and a certificate per vehicle
+edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH
+                 [--host H --port P]  the dispatcher and collector (plaintext, loopback)
 """
 
 from __future__ import annotations
@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--jobs", type=int, default=300)
     demo.add_argument("--report", type=Path, default=Path("demo-report.json"))
     demo.add_argument("--workdir", type=Path, default=Path("demo-run"))
+    demo.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="a plaintext loopback broker instead of mutual TLS with the ACL",
+    )
     br = sub.add_parser("broker", help="run a local mosquitto until Ctrl-C")
     br.add_argument("--port", type=int, default=1883)
     br.add_argument("--workdir", type=Path, default=Path("broker-run"))
@@ -267,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
         from broker.demo import main as demo_main
 
         logs.configure(json=False, level=logging.WARNING)
-        return demo_main(jobs=args.jobs, out=args.report, workdir=args.workdir)
+        return demo_main(
+            jobs=args.jobs, out=args.report, workdir=args.workdir, secure=not args.plaintext
+        )
     logs.configure(json=False)
     try:
         if args.command == "keygen":

@@ -27,10 +27,12 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.wire.keys import KeyRing, load_signing_key, raw_public, write_private_key
 from agent.wire.messages import Limits, ModelRef
+from agent.wire.mqtt import client_tls
 from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
+from broker.provision import FleetPki, provision
 from broker.queue import JobQueue, JobTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +54,17 @@ VEHICLES = (
 )
 
 
-def _vehicle_config(d: Path, v: DemoVehicle, port: int) -> Path:
+def _broker_section(pki: FleetPki | None, vehicle_id: str) -> str:
+    if pki is None:
+        return 'tls = false  # a private plaintext broker on loopback\nhost = "127.0.0.1"'
+    identity = pki.vehicle(vehicle_id)
+    return (
+        f'tls = true\nhost = "localhost"\nca_file = "{pki.ca}"\n'
+        f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
+    )
+
+
+def _vehicle_config(d: Path, v: DemoVehicle, port: int, pki: FleetPki | None) -> Path:
     path = d / "agent.toml"
     path.write_text(
         f"""# Written by the demo for {v.vehicle_id}.
@@ -71,8 +83,7 @@ resume_compute_temp_c = 80.0
 gate_hold_s = 0
 
 [broker]
-tls = false  # a private plaintext broker on loopback
-host = "127.0.0.1"
+{_broker_section(pki, v.vehicle_id)}
 port = {port}
 
 [keys]
@@ -109,7 +120,10 @@ async def _serve_until_done(
         await fleet_task
 
 
-def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]:
+def run_demo(
+    workdir: Path, *, jobs: int, timeout_s: float, secure: bool = True
+) -> dict[str, object]:
+    workdir = workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -125,9 +139,11 @@ def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]
     write_private_key(workdir / "fleet" / "requester.key", requester)
 
     started = time.monotonic()
-    broker = LocalMosquitto(workdir / "mosquitto")
+    pki = provision(workdir / "pki", [v.vehicle_id for v in VEHICLES]) if secure else None
+    broker = LocalMosquitto(workdir / "mosquitto", pki=pki)
     broker.start()
-    print(f"mosquitto listening on 127.0.0.1:{broker.port}")
+    mode = "TLS with client certificates and the per-vehicle ACL" if pki else "plaintext"
+    print(f"mosquitto listening on 127.0.0.1:{broker.port} ({mode})")
     procs: list[subprocess.Popen[bytes]] = []
     vehicle_keys = {}
     try:
@@ -141,7 +157,7 @@ def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]
             )
             vehicle_keys[v.vehicle_id] = load_signing_key(d / "vehicle.key").public_key()
             (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
-            config = _vehicle_config(d, v, broker.port)
+            config = _vehicle_config(d, v, broker.port, pki)
             log = (d / "agent.log").open("wb")
             procs.append(
                 subprocess.Popen(
@@ -157,7 +173,8 @@ def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]
             vehicles=vehicle_keys, requester_key=requester, digest_for=queue.assignment_digest
         )
         node = FleetNode(
-            host=broker.host,
+            host="localhost" if pki else broker.host,
+            tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
             port=broker.port,
             queue=queue,
             signing_key=job_key,
@@ -232,6 +249,7 @@ def run_demo(workdir: Path, *, jobs: int, timeout_s: float) -> dict[str, object]
         "queue": queue.counts(),
         "ineligible_vehicles_ran_jobs": ineligible_ran > 0,
         "wall_seconds": round(time.monotonic() - started, 2),
+        "transport": "mutual TLS + ACL" if secure else "plaintext (loopback)",
         "ok": verified == jobs and ineligible_ran == 0 and agree == verified,
     }
     queue.close()
@@ -268,8 +286,9 @@ def main(
     out: Path = Path("demo-report.json"),
     workdir: Path = Path("demo-run"),
     timeout_s: float = 40.0,
+    secure: bool = True,
 ) -> int:
-    report = run_demo(workdir, jobs=jobs, timeout_s=timeout_s)
+    report = run_demo(workdir, jobs=jobs, timeout_s=timeout_s, secure=secure)
     print_report(report)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report written to {out}")

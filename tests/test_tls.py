@@ -173,3 +173,13 @@ async def running_agent_unconnected(files):
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=15)
+
+
+def test_unusable_tls_files_stop_the_agent_at_start(tmp_path, fleet, pki):
+    """A CA file that is missing is a start-up error naming the files, not a crash later."""
+    from agent.assembly import StartupError, build_agent
+    from agent.config import load_config
+
+    files = _secure_vehicle(tmp_path, "veh-a", 8883, fleet, pki, ca=tmp_path / "missing-ca.pem")
+    with pytest.raises(StartupError, match=r"broker TLS files .*missing-ca\.pem"):
+        build_agent(load_config(files.config_path))
