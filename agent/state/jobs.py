@@ -14,11 +14,10 @@ Blocking calls; the daemon runs them in a thread.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 
-from agent.state.ledger import StateError
+from agent.state.ledger import open_state_db
 
 _SCHEMA = """
 PRAGMA journal_mode=WAL;
@@ -40,15 +39,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 
 class JobStore:
     def __init__(self, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StateError(
-                f"cannot open the state database {path}: {exc}; check that the state "
-                "directory exists, is writable by the agent, and the disk is not full"
-            ) from None
+        self._db = open_state_db(path, _SCHEMA)
         self._lock = threading.Lock()
 
     # ---- replay record -----------------------------------------------------

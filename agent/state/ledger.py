@@ -26,17 +26,23 @@ class StateError(Exception):
     """Raised when the state directory or database cannot be used; says which path and why."""
 
 
+def open_state_db(path: Path, schema: str) -> sqlite3.Connection:
+    """A connection to the state database with `schema` applied; StateError saying what to check."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        db.executescript(schema)
+    except (OSError, sqlite3.Error) as exc:
+        raise StateError(
+            f"cannot open the state database {path}: {exc}; check that the state "
+            "directory exists, is writable by the agent, and the disk is not full"
+        ) from None
+    return db
+
+
 class EnergyLedger:
     def __init__(self, path: Path) -> None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self._db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StateError(
-                f"cannot open the state database {path}: {exc}; check that the state "
-                "directory exists, is writable by the agent, and the disk is not full"
-            ) from None
+        self._db = open_state_db(path, _SCHEMA)
         self._lock = threading.Lock()
 
     def day_total(self, day: str) -> float:
