@@ -1,0 +1,173 @@
+"""Bad input at the remaining ways in: the model manifest, the fleet's inbound topics, the
+control socket, key files and the command lines."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import aiomqtt
+import pytest
+
+from agent.control import _handle
+from agent.exitcodes import ExitCode
+from agent.inference.store import ModelStore, ModelStoreError
+from agent.wire.keys import KeyFileError, KeyRing
+from broker.collector import Collector
+from broker.fleet import FleetNode
+from broker.queue import JobQueue
+from tests.support import MODELS, wait_for
+
+
+def _copy_models(tmp_path):
+    folder = tmp_path / "models"
+    shutil.copytree(MODELS, folder)
+    return folder
+
+
+def test_model_store_refuses_a_missing_or_broken_manifest(tmp_path):
+    """No manifest, or one that is not a manifest, is a ModelStoreError naming the file."""
+    with pytest.raises(ModelStoreError, match="cannot read"):
+        ModelStore.open(tmp_path)
+    (tmp_path / "manifest.json").write_text('{"version": 1, "models": [{"name": "x"}]}')
+    with pytest.raises(ModelStoreError, match="not a valid manifest"):
+        ModelStore.open(tmp_path)
+
+
+def test_model_store_leaves_out_files_that_do_not_match_their_pin(tmp_path):
+    """A model file changed on disk is left out with the reason; the others stay held."""
+    folder = _copy_models(tmp_path)
+    (folder / "burn.onnx").write_bytes(b"not the model")
+    store = ModelStore.open(folder)
+    assert "burn" not in store.held and "digits" in store.held
+    assert any("burn" in p and "does not match its pin" in p for p in store.problems)
+
+
+def test_model_store_refuses_paths_outside_its_folder(tmp_path):
+    """A manifest entry naming a file with a path separator is refused, not followed."""
+    folder = _copy_models(tmp_path)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["models"][0]["file"] = "../digits.onnx"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelStoreError, match="not a valid manifest"):
+        ModelStore.open(folder)
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"\xff", "not strict JSON"),
+        (b'{"version": 1, "keys": [{"keyid": "00", "public_key": ""}]}', "keys.0.keyid"),
+        (
+            b'{"version": 1, "keys": [{"keyid": "0123456789abcdef", "public_key": "'
+            + b"A" * 43
+            + b'="}]}',
+            "does not match its public key",
+        ),
+    ],
+    ids=["binary", "bad-keyid", "keyid-mismatch"],
+)
+def test_trusted_keys_file_errors_name_the_problem(tmp_path, content, needle):
+    """A damaged trusted-keys file is a KeyFileError saying what is wrong."""
+    path = tmp_path / "trusted.json"
+    path.write_bytes(content)
+    with pytest.raises(KeyFileError, match=needle):
+        KeyRing.load(path)
+
+
+def test_control_socket_requests_that_are_not_json_are_answered(tmp_path):
+    """Garbage on the control socket gets an error reply, never an exception."""
+    status = dict
+    assert _handle(b"\x00\xff", status, None) == {"ok": False, "error": "request is not JSON"}
+    assert _handle(b"[1]", status, None)["ok"] is False
+    assert _handle(b'{"op": "set", "fields": {"gear": "D"}}', status, None) == {
+        "ok": False,
+        "error": "this vehicle has no emulated state to set",
+    }
+    assert _handle(b'{"op": "set", "fields": []}', status, lambda f: f)["ok"] is False
+
+
+def test_keygen_never_overwrites_a_key(tmp_path):
+    """`edge-agent keygen` onto an existing key exits 73 and leaves the key as it was."""
+    key = tmp_path / "vehicle.key"
+    run = [sys.executable, "-m", "agent.cli", "keygen", "--out", str(key)]
+    assert subprocess.run(run, capture_output=True, check=False).returncode == 0
+    before = key.read_bytes()
+    again = subprocess.run(run, capture_output=True, text=True, check=False)
+    assert again.returncode == ExitCode.KEY_EXISTS
+    assert "refusing to overwrite" in again.stderr
+    assert key.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "argv", [["run", "--nope"], ["vehicle"], ["status", "--socket"], []], ids=str
+)
+def test_bad_command_lines_exit_2(argv):
+    """Unknown or incomplete command lines exit 2 with usage, as argparse does."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", *argv], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == ExitCode.USAGE
+    assert "usage:" in proc.stderr
+
+
+@pytest.mark.broker
+async def test_fleet_node_refuses_garbage_and_keeps_serving(mosquitto, fleet, tmp_path):
+    """Malformed or misattributed work requests, events and status are refused and counted; the
+    fleet node keeps serving."""
+    queue = JobQueue(tmp_path / "q.db")
+    node = FleetNode(
+        host="127.0.0.1",
+        port=mosquitto.port,
+        queue=queue,
+        signing_key=fleet.job_key,
+        collector=Collector(vehicles={}, requester_key=fleet.requester, digest_for=lambda *a: None),
+    )
+    task = asyncio.create_task(node.run())
+    try:
+        await wait_for(node.ready.is_set, what="fleet ready")
+        async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+            base = "fleet/v1/vehicles/veh-x"
+            await client.publish(f"{base}/work", b"\xff not json", qos=1)
+            await client.publish(
+                f"{base}/events",
+                json.dumps(
+                    {"vehicle_id": "veh-other", "kind": "released", "at": time.time()}
+                ).encode(),
+                qos=1,
+            )
+            await client.publish(f"{base}/status", b'{"vehicle_id": "veh-x"}', qos=1)
+            await client.publish(f"{base}/results", b"EFB1", qos=1)
+            await client.publish(f"{base}/work", b"x" * 70_000, qos=1)
+            await wait_for(lambda: sum(node.refused.values()) >= 5, what="refusals")
+            await client.publish(
+                f"{base}/work",
+                json.dumps(
+                    {
+                        "vehicle_id": "veh-x",
+                        "request_id": 1,
+                        "capacity": 1,
+                        "models": [],
+                        "sent_at": time.time(),
+                    }
+                ).encode(),
+                qos=1,
+            )
+            await wait_for(lambda: node.work_requests["veh-x"] == 1, what="still serving")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        queue.close()
+    assert node.refused == {
+        "work:malformed_payload": 1,
+        "events:wrong_vehicle": 1,
+        "status:malformed_payload": 1,
+        "results:unknown_key": 1,
+        "work:oversized": 1,
+    }
