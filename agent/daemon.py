@@ -15,6 +15,7 @@ in agent.core and agent.wire.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ssl
 import time
@@ -746,16 +747,30 @@ class Agent:
 
     async def _run_job(self, item: AcceptedJob) -> None:
         job = item.job
-        await asyncio.to_thread(self._jobs.mark, job.job_id, job.attempt, "running", self._clock())
-        await self._event_soon(job, EventKind.RUNNING)
         started = time.perf_counter()
-        try:
-            outputs = await self._engine.run(
+        # Compute starts first; the journal entry and the running event follow while it runs,
+        # so the worker does not wait on a disk write and a broker round trip between jobs.
+        compute = asyncio.ensure_future(
+            self._engine.run(
                 item.model,
                 self._store.path_of(item.model),
                 job.inputs,
                 deadline_s=job.limits.max_runtime_s,
             )
+        )
+        try:
+            await asyncio.to_thread(
+                self._jobs.mark, job.job_id, job.attempt, "running", self._clock()
+            )
+            await self._event_soon(job, EventKind.RUNNING)
+            await asyncio.wait({compute})
+        except BaseException:  # cancelled: preempted, or the agent is stopping
+            compute.cancel()
+            with contextlib.suppress(asyncio.CancelledError, WireError):
+                await compute
+            raise
+        try:
+            outputs = compute.result()
         except WireError as err:
             detail = err.detail
             if err.reason in (Reason.WORKER_CRASHED, Reason.MEMORY_LIMIT):
