@@ -163,6 +163,7 @@ class Agent:
         self._seen: set[tuple[str, int]] = jobs.load_seen(clock())
         self._interrupted = jobs.interrupted()
         self._outbox_depth = jobs.outbox_size()
+        self._clock_floor = jobs.clock_floor()
         self._outbox_ready = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
@@ -256,6 +257,14 @@ class Agent:
         return (
             (self._current[0].job.job_id, self._current[0].job.attempt) if self._current else None
         )
+
+    def trusted_now(self) -> float:
+        """The system clock, but never earlier than the latest signed issue time seen: a clock
+        set backwards does not make expired jobs valid again."""
+        now = self._clock()
+        if now < self._clock_floor:
+            self.counts["clock_behind_floor"] += 1
+        return max(now, self._clock_floor)
 
     def compute_load(self) -> float:
         """The worker's measured CPU use as a fraction of its threads, over contiguous windows
@@ -650,7 +659,7 @@ class Agent:
             owner = self.config.owner
             ctx = AdmissionContext(
                 vehicle_id=self.vehicle_id,
-                now=self._clock(),
+                now=self.trusted_now(),
                 max_clock_skew_s=self.config.agent.max_clock_skew_s,
                 max_input_bytes=self.config.agent.max_input_bytes,
                 seen=self._seen,
@@ -663,6 +672,10 @@ class Agent:
             await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
             return
         self._seen.add((job.job_id, job.attempt))
+        if job.issued_at > self._clock_floor:
+            # Admission bounded issued_at by now + skew, so one key cannot push this far ahead.
+            self._clock_floor = job.issued_at
+            await asyncio.to_thread(self._jobs.raise_clock_floor, job.issued_at)
         poisoned = self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES
         accept = (
             not poisoned and self.gate.is_open and not self._stopping and not self._queue.full()

@@ -292,3 +292,53 @@ async def test_heartbeats_keep_a_long_job_leased(fleet, tmp_path):
                 await asyncio.to_thread(proc.wait, 15)
             assert queue.state_of(ids[0])[:2] == ("done", 1), "one attempt: never re-leased"
             assert node.events["veh-beat"]["heartbeat"] >= 2
+
+
+async def test_a_clock_set_backwards_does_not_revive_expired_jobs(mosquitto, fleet, tmp_path):
+    """After seeing a job issued at T, an agent whose clock jumps back an hour still treats jobs
+    that expired before T as expired, and keeps that floor across a restart."""
+    from agent.assembly import build_agent
+    from agent.config import load_config
+    from tests.support import job_spec, signed
+
+    files = write_vehicle(tmp_path, "veh-clock", port=mosquitto.port, fleet=fleet)
+    real = time.time()
+    offset = [0.0]
+
+    def clock() -> float:
+        return real + offset[0]
+
+    async def serve_once(jobs: list[bytes], expect: list[str]) -> list[dict]:
+        agent = build_agent(load_config(files.config_path), clock=clock)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            async with observing(mosquitto.port, "veh-clock") as obs:
+                await wait_for(agent._connected.is_set, what="connected")
+                for raw in jobs:
+                    await obs.send_job(raw)
+                await wait_for(
+                    lambda: len([e for e in obs.events if e["kind"] in expect]) >= len(jobs),
+                    what="verdicts",
+                )
+                return list(obs.events)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, timeout=15)
+
+    fresh = signed(job_spec(fleet, "veh-clock", job_id="fresh", issued_at=real), fleet.job_key)
+    await serve_once([fresh], ["accepted"])
+    offset[0] = -3600.0  # the clock is set back an hour
+    stale = signed(
+        job_spec(fleet, "veh-clock", job_id="stale", issued_at=real - 3650, lifetime_s=600),
+        fleet.job_key,
+    )
+    current = signed(job_spec(fleet, "veh-clock", job_id="current", issued_at=real), fleet.job_key)
+    events = await serve_once([stale, current], ["rejected", "accepted"])
+    verdicts = {
+        e["job_id"]: (e["kind"], e.get("reason"))
+        for e in events
+        if e["kind"] in ("rejected", "accepted")
+    }
+    assert verdicts["stale"] == ("rejected", "expired")
+    assert verdicts["current"] == ("accepted", None), "not taken for a job from the future"

@@ -5,6 +5,8 @@ One SQLite file (WAL) in the state directory, beside the energy ledger:
            expires: a redelivered or replayed job never runs twice, across restarts;
   journal  jobs accepted and not yet finished: after a crash, the next start hands
            them back (released, reason agent_restarted) instead of forgetting them;
+  meta     the trusted clock floor: the latest issue time of any verified job, so a
+           clock set backwards cannot revive expired jobs;
   outbox   sealed results, written before they are published and removed only once
            the broker has acknowledged them (QoS 1 PUBACK), sent in order on every
            (re)connection. A job's result enters the outbox in the same transaction
@@ -30,6 +32,7 @@ CREATE TABLE IF NOT EXISTS journal (
     job_id TEXT NOT NULL, attempt INTEGER NOT NULL, state TEXT NOT NULL, since REAL NOT NULL,
     PRIMARY KEY (job_id, attempt)
 );
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
     job_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at REAL NOT NULL
@@ -65,6 +68,20 @@ class JobStore:
                     "INSERT OR REPLACE INTO journal VALUES (?, ?, 'accepted', ?)",
                     (job_id, attempt, now),
                 )
+
+    def clock_floor(self) -> float:
+        """The latest issue time seen on a verified job: the agent never believes an earlier now."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'clock_floor'").fetchone()
+        return 0.0 if row is None else float(row[0])
+
+    def raise_clock_floor(self, at: float) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO meta VALUES ('clock_floor', ?) "
+                "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                (at,),
+            )
 
     def prune_seen(self, now: float) -> int:
         with self._lock:
