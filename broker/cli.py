@@ -14,7 +14,8 @@ edge-fleet provision --dir DIR [--vehicle ID ...] [--host NAME ...]
                                       the fleet CA, broker and fleet-tool certificates
                                       (first run), and a certificate per vehicle
 edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH
-                 [--host H --port P]  the dispatcher and collector (plaintext, loopback)
+                 [--host H --port P --pki DIR]
+                                      the dispatcher and collector (mutual TLS with --pki)
 """
 
 from __future__ import annotations
@@ -95,7 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--requester-key", type=Path, required=True)
     sv.add_argument("--registry", type=Path, required=True)
     sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=1883)
+    sv.add_argument("--port", type=int, default=8883)
+    sv.add_argument(
+        "--pki",
+        type=Path,
+        help="the folder from `edge-fleet provision`: connect with mutual TLS as the "
+        "fleet-dispatcher identity (without it: plaintext, loopback brokers only)",
+    )
     return p
 
 
@@ -205,6 +212,14 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from agent.wire.mqtt import is_loopback
+
+    if args.pki is None and not is_loopback(args.host):
+        print(
+            f"refusing plaintext to {args.host}: give --pki (see edge-fleet provision)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
     from broker.collector import Collector
     from broker.fleet import FleetNode
     from broker.queue import JobQueue
@@ -221,7 +236,15 @@ async def _serve(args: argparse.Namespace) -> int:
         requester_key=load_requester_key(args.requester_key),
         digest_for=queue.assignment_digest,
     )
+    tls = None
+    if args.pki is not None:
+        from agent.wire.mqtt import client_tls
+        from broker.provision import FleetPki
+
+        pki = FleetPki(args.pki)
+        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
     node = FleetNode(
+        tls=tls,
         host=args.host,
         port=args.port,
         queue=queue,

@@ -171,3 +171,31 @@ async def test_fleet_node_refuses_garbage_and_keeps_serving(mosquitto, fleet, tm
         "results:unknown_key": 1,
         "work:oversized": 1,
     }
+
+
+def test_fleet_serve_refuses_plaintext_to_a_remote_broker(tmp_path):
+    """`edge-fleet serve` without --pki talks only to a broker on this machine."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "broker.cli",
+            "serve",
+            "--queue",
+            str(tmp_path / "q.db"),
+            "--job-key",
+            "k",
+            "--requester-key",
+            "r",
+            "--registry",
+            "v",
+            "--host",
+            "192.0.2.7",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert proc.returncode == ExitCode.USAGE
+    assert "refusing plaintext to 192.0.2.7" in proc.stderr
