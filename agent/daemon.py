@@ -72,6 +72,7 @@ _PACKET_OVERHEAD = 4096
 ENERGY_SAVE_EVERY_S = 5.0
 READY_AFTER_S = 3.0
 MAX_WORKER_CRASHES = 2
+PRUNE_EVERY_S = 600.0
 LOAD_WINDOW_S = 0.1
 
 
@@ -160,7 +161,9 @@ class Agent:
         self.metrics = AgentMetrics()
         self._notifier = notifier or Notifier()
         self._ready_sent = False
-        self._seen: set[tuple[str, int]] = jobs.load_seen(clock())
+        # Replay record in memory, with expiries; pruned with the database every PRUNE_EVERY_S.
+        self._seen: dict[tuple[str, int], float] = jobs.load_seen(clock())
+        self._pruned_at = clock()
         self._interrupted = jobs.interrupted()
         self._outbox_depth = jobs.outbox_size()
         self._clock_floor = jobs.clock_floor()
@@ -258,6 +261,14 @@ class Agent:
             (self._current[0].job.job_id, self._current[0].job.attempt) if self._current else None
         )
 
+    async def _prune_replay_record(self) -> None:
+        """Forget job ids whose jobs have expired: they would be refused as expired anyway."""
+        now = self.trusted_now()
+        self._pruned_at = self._clock()
+        for key in [k for k, expires in self._seen.items() if expires < now]:
+            del self._seen[key]
+        await asyncio.to_thread(self._jobs.prune_seen, now)
+
     def trusted_now(self) -> float:
         """The system clock, but never earlier than the latest signed issue time seen: a clock
         set backwards does not make expired jobs valid again."""
@@ -328,6 +339,8 @@ class Agent:
             self.observe(now)
             if self._current is None:
                 await self._engine.stop_if_idle(time.monotonic())
+            if now - self._pruned_at >= PRUNE_EVERY_S:
+                await self._prune_replay_record()
             if self._current is not None and now - self._energy_saved_at >= ENERGY_SAVE_EVERY_S:
                 self._energy_saved_at = now
                 await asyncio.to_thread(
@@ -671,7 +684,7 @@ class Agent:
         except WireError as err:
             await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
             return
-        self._seen.add((job.job_id, job.attempt))
+        self._seen[(job.job_id, job.attempt)] = job.expires_at
         if job.issued_at > self._clock_floor:
             # Admission bounded issued_at by now + skew, so one key cannot push this far ahead.
             self._clock_floor = job.issued_at

@@ -196,6 +196,7 @@ def test_outbox_and_replay_record_survive_restart(tmp_path):
     again = JobStore(path)
     assert again.outbox_batch() == [(seq, "t", b"sealed", "job-1", 1)]
     assert ("job-1", 1) in again.load_seen(time.time())
+    assert again.prune_seen(time.time() + 120) == 1
     assert again.interrupted() == [], "the result closed the journal entry"
     again.outbox_remove(seq)
     assert again.outbox_size() == 0
@@ -342,3 +343,19 @@ async def test_a_clock_set_backwards_does_not_revive_expired_jobs(mosquitto, fle
     }
     assert verdicts["stale"] == ("rejected", "expired")
     assert verdicts["current"] == ("accepted", None), "not taken for a job from the future"
+
+
+async def test_replay_record_forgets_expired_jobs_in_memory_and_on_disk(fleet, tmp_path):
+    """A long-running agent prunes job ids whose jobs expired, so its replay record stays bounded."""
+    from agent.assembly import build_agent
+    from agent.config import load_config
+
+    files = write_vehicle(tmp_path, "veh-prune", port=1, fleet=fleet)
+    agent = build_agent(load_config(files.config_path))
+    now = time.time()
+    agent._seen[("old", 1)] = now - 10
+    agent._seen[("live", 1)] = now + 600
+    agent._jobs.remember("old", 1, now - 10, accepted=False, now=now)
+    await agent._prune_replay_record()
+    assert set(agent._seen) == {("live", 1)}
+    assert ("old", 1) not in agent._jobs.load_seen(now - 100)

@@ -86,11 +86,6 @@ class ModelStore:
     def path_of(self, model: HeldModel) -> Path:
         return self._models[model.name][1]
 
-    def read_verified(self, model: HeldModel) -> bytes:
-        """The model's bytes, verified against its pin; WireError(MODEL_MISMATCH) otherwise."""
-        _, path = self._models[model.name]
-        return _verified_bytes(path, model)
-
 
 def _verified_bytes(path: Path, model: HeldModel) -> bytes:
     try:

@@ -47,12 +47,12 @@ class JobStore:
 
     # ---- replay record -----------------------------------------------------
 
-    def load_seen(self, now: float) -> set[tuple[str, int]]:
-        """Every unexpired (job_id, attempt) seen; expired entries are dropped on the way."""
+    def load_seen(self, now: float) -> dict[tuple[str, int], float]:
+        """Every unexpired (job_id, attempt) seen, with its expiry; expired ones are dropped."""
         with self._lock:
             self._db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
-            rows = self._db.execute("SELECT job_id, attempt FROM seen").fetchall()
-        return {(str(j), int(a)) for j, a in rows}
+            rows = self._db.execute("SELECT job_id, attempt, expires_at FROM seen").fetchall()
+        return {(str(j), int(a)): float(e) for j, a, e in rows}
 
     def remember(
         self, job_id: str, attempt: int, expires_at: float, *, accepted: bool, now: float
