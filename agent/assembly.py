@@ -5,6 +5,7 @@ from __future__ import annotations
 import ssl
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from agent.config import AgentConfig
 from agent.daemon import Agent
@@ -25,6 +26,24 @@ from agent.wire.mqtt import client_tls
 
 class StartupError(Exception):
     """Raised when the agent cannot start: a key, the trusted keys, a scenario, sensors, models or state."""
+
+
+def check_file_permissions(path: Path, what: str, *, secret: bool) -> None:
+    """Refuse a file others could change (or, for a secret, read): StartupError saying the fix."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return  # a missing file is reported by whatever reads it, with its own message
+    if mode & 0o022:
+        raise StartupError(
+            f"{what} {path} is writable by group or others (mode {mode:o}); "
+            f"fix it with: chmod go-w {path}"
+        )
+    if secret and mode & 0o044:
+        raise StartupError(
+            f"{what} {path} is readable by group or others (mode {mode:o}); "
+            f"fix it with: chmod 600 {path}"
+        )
 
 
 def build_vehicle(config: AgentConfig, emulated: EmulatedVehicle) -> VehicleSignals:
@@ -54,6 +73,10 @@ def build_vehicle(config: AgentConfig, emulated: EmulatedVehicle) -> VehicleSign
 
 
 def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) -> Agent:
+    check_file_permissions(config.keys.vehicle_key, "the vehicle key", secret=True)
+    check_file_permissions(config.keys.trusted_job_keys, "the trusted keys file", secret=False)
+    if config.broker.key_file is not None:
+        check_file_permissions(config.broker.key_file, "the TLS key", secret=True)
     try:
         signing_key = load_signing_key(config.keys.vehicle_key)
         trusted = KeyRing.load(config.keys.trusted_job_keys)

@@ -149,10 +149,11 @@ def _keygen(out: Path) -> int:
 
 
 async def _serve(config_path: Path) -> int:
-    from agent.assembly import StartupError, build_agent
+    from agent.assembly import StartupError, build_agent, check_file_permissions
 
     log = logs.get_logger()
     try:
+        check_file_permissions(config_path, "the config", secret=False)
         cfg = load_config(config_path)
         agent = build_agent(cfg)
     except (ConfigError, StartupError) as exc:

@@ -92,3 +92,28 @@ def test_demo_runs_end_to_end(tmp_path):
     assert report["per_vehicle"]["car-driving"]["jobs_received"] == 0
     assert report["per_vehicle"]["car-hot"]["jobs_received"] == 0
     assert report["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize(
+    ("target", "mode", "needle"),
+    [
+        ("agent.toml", 0o666, "the config"),
+        ("vehicle.key", 0o644, "readable by group or others"),
+        ("vehicle.key", 0o620, "writable by group or others"),
+        ("trusted-job-keys.json", 0o646, "the trusted keys file"),
+    ],
+)
+def test_agent_refuses_files_others_could_change(tmp_path, fleet, mosquitto, target, mode, needle):
+    """A config or trusted-keys file others can write, or a key others can read, stops the agent at
+    start with exit 78 and the chmod that fixes it."""
+    files = write_vehicle(tmp_path, "veh-perm", port=mosquitto.port, fleet=fleet)
+    (files.config_path.parent / target).chmod(mode)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG
+    assert needle in proc.stdout and "chmod" in proc.stdout
