@@ -139,6 +139,7 @@ class Agent:
         self._clock = clock
         self._log = get_logger(vehicle_id=self.vehicle_id)
         self.gate = Gate(gate_policy(config))
+        self._hours = config.owner.allowed_hours  # built once; rebuilt on reload
         self._ledger = ledger
         today = self._local(clock()).date().isoformat()
         self.energy = EnergyMeter(day=today, today_wh=ledger.day_total(today))
@@ -309,7 +310,7 @@ class Agent:
         decision = self.gate.evaluate(
             GateInputs(
                 snap,
-                within_hours=self.config.owner.allowed_hours.allows(local),
+                within_hours=self._hours.allows(local),
                 energy_today_wh=self.energy.today_wh,
             )
         )
@@ -489,6 +490,7 @@ class Agent:
         ]
         self.config = self.config.model_copy(update={"owner": new.owner, "limits": new.limits})
         self.gate.update_policy(gate_policy(self.config))
+        self._hours = self.config.owner.allowed_hours
         self._log.info("config_reloaded", restart_needed_for=restart or None)
         self.observe(self._clock())
         self._status_dirty.set()

@@ -64,7 +64,6 @@ class FleetNode:
         self.online: dict[str, bool] = {}
         self.status: dict[str, VehicleStatus] = {}
         self.events: dict[str, Counter[str]] = defaultdict(Counter)
-        self.event_log: list[JobEvent] = []
         self.work_requests: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
         self.reconnects = 0
@@ -180,7 +179,6 @@ class FleetNode:
         if event.vehicle_id != vehicle_id:
             raise WireError(Reason.WRONG_VEHICLE, f"event names {event.vehicle_id}")
         self.events[vehicle_id][event.kind.value] += 1
-        self.event_log.append(event)
         if event.kind in _STILL_HELD and event.job_id is not None and event.attempt is not None:
             self.queue.extend_lease(event.job_id, event.attempt, vehicle_id, self._clock())
         if event.kind in _HAND_BACK and event.job_id is not None and event.attempt is not None:
