@@ -11,8 +11,10 @@ from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
+from agent.logs import get_logger
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger, StateError
+from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.host import HostVehicle, discover_power
 from agent.vehicle.scenario import Scenario, ScenarioError, load_scenario
@@ -20,6 +22,7 @@ from agent.vehicle.sensors import SensorError
 from agent.vehicle.sensors.mains import MainsSupply
 from agent.vehicle.sensors.thermal import HottestZone
 from agent.vehicle.snapshot import VehicleSignals
+from agent.wire.errors import WireError
 from agent.wire.keys import KeyFileError, KeyRing, load_signing_key
 from agent.wire.mqtt import client_tls
 
@@ -72,18 +75,57 @@ def build_vehicle(config: AgentConfig, emulated: EmulatedVehicle) -> VehicleSign
     )
 
 
+def build_trust(config: AgentConfig, jobs: JobStore, now: float) -> Trust:
+    """The trust policy (installed file, or the newer one kept in the state database), or the
+    fixed key list of a bench rig."""
+    keys = config.keys
+    if keys.trusted_job_keys is not None:
+        ring = KeyRing.load(keys.trusted_job_keys)
+        if len(ring) == 0:
+            raise StartupError(f"{keys.trusted_job_keys} lists no job-signing key")
+        return Trust(ring=ring)
+    assert keys.trust_policy is not None  # the config's validator demands one of the two
+    try:
+        installed = keys.trust_policy.read_bytes()
+    except OSError as exc:
+        raise StartupError(
+            f"cannot read the trust policy {keys.trust_policy}: {exc.strerror}; install the "
+            "fleet's signed policy there (`edge-fleet policy sign`)"
+        ) from None
+    try:
+        trust, source = Trust.from_policy(installed, jobs.held_policy(), now)
+    except WireError as exc:
+        raise StartupError(
+            f"the trust policy {keys.trust_policy} cannot be used ({exc.reason.value}): "
+            f"{exc.detail}"
+        ) from None
+    held = trust.policy
+    assert held is not None
+    get_logger(vehicle_id=config.vehicle.id).info(
+        "trust_policy_loaded",
+        version=held.version,
+        source=source,
+        expired=not trust.valid(now),
+        job_keys=len(held.policy.job_keys),
+        requesters=len(held.policy.requester_keys),
+    )
+    return trust
+
+
 def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) -> Agent:
     check_file_permissions(config.keys.vehicle_key, "the vehicle key", secret=True)
-    check_file_permissions(config.keys.trusted_job_keys, "the trusted keys file", secret=False)
+    for anchor in (config.keys.trusted_job_keys, config.keys.trust_policy):
+        if anchor is not None:
+            check_file_permissions(anchor, "the trust anchor", secret=False)
     if config.broker.key_file is not None:
         check_file_permissions(config.broker.key_file, "the TLS key", secret=True)
     try:
         signing_key = load_signing_key(config.keys.vehicle_key)
-        trusted = KeyRing.load(config.keys.trusted_job_keys)
         scenario = load_scenario(config.vehicle.scenario) if config.vehicle.scenario else Scenario()
         store = ModelStore.open(config.models.dir)
         ledger = EnergyLedger(config.state.dir / "state.db")
         jobs = JobStore(config.state.dir / "state.db")
+        trust = build_trust(config, jobs, clock())
     except (KeyFileError, ScenarioError, ModelStoreError, StateError) as exc:
         raise StartupError(str(exc)) from None
     tls = None
@@ -96,8 +138,6 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
                 f"broker TLS files ({b.ca_file}, {b.cert_file}, {b.key_file}) cannot be used: "
                 f"{exc}; provision them with `edge-fleet provision`"
             ) from None
-    if len(trusted) == 0:
-        raise StartupError(f"{config.keys.trusted_job_keys} lists no job-signing key")
     emulated = EmulatedVehicle(scenario, started_at=clock(), time_scale=config.vehicle.time_scale)
     agent = Agent(
         config,
@@ -109,7 +149,7 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         ),
         store=store,
         signing_key=signing_key,
-        trusted=trusted,
+        trust=trust,
         ledger=ledger,
         jobs=jobs,
         clock=clock,

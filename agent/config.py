@@ -183,7 +183,17 @@ class BrokerSection(_Section):
 
 class KeysSection(_Section):
     vehicle_key: Path
-    trusted_job_keys: Path
+    trust_policy: Path | None = None
+    trusted_job_keys: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_trust_anchor(self) -> KeysSection:
+        if (self.trust_policy is None) == (self.trusted_job_keys is None):
+            raise ValueError(
+                "name exactly one of trust_policy (the fleet's root-signed policy, for vehicles) "
+                "or trusted_job_keys (a fixed key list, for a bench rig)"
+            )
+        return self
 
 
 class ModelsSection(_Section):
@@ -251,6 +261,7 @@ _PATH_KEYS = (
     ("broker", "key_file"),
     ("keys", "vehicle_key"),
     ("keys", "trusted_job_keys"),
+    ("keys", "trust_policy"),
     ("models", "dir"),
     ("state", "dir"),
 )

@@ -44,13 +44,14 @@ from agent.metrics import AgentMetrics
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger
 from agent.supervision import Notifier
+from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
 from agent.wire import envelope
 from agent.wire.bundle import encode_result_body, sign_result
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
-from agent.wire.keys import KeyRing, x25519_public
+from agent.wire.keys import x25519_public
 from agent.wire.messages import (
     SUITE,
     EventKind,
@@ -65,7 +66,7 @@ from agent.wire.messages import (
 from agent.wire.mqtt import NO_DELAY
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
-from agent.wire.topics import Channel, topic
+from agent.wire.topics import POLICY_TOPIC, Channel, topic
 
 # Room for MQTT headers and topic names on top of the largest payload we accept.
 _PACKET_OVERHEAD = 4096
@@ -121,7 +122,7 @@ class Agent:
         engine: WorkerEngine,
         store: ModelStore,
         signing_key: Ed25519PrivateKey,
-        trusted: KeyRing,
+        trust: Trust,
         ledger: EnergyLedger,
         jobs: JobStore,
         clock: Callable[[], float] = time.time,
@@ -135,7 +136,7 @@ class Agent:
         self._engine = engine
         self._store = store
         self._key = signing_key
-        self._trusted = trusted
+        self._trust = trust
         self._clock = clock
         self._log = get_logger(vehicle_id=self.vehicle_id)
         self.gate = Gate(gate_policy(config))
@@ -187,7 +188,15 @@ class Agent:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until `stop` is set, then shut down in order within the grace period."""
-        self._log.info("agent_starting", version=__version__, models=sorted(self._store.held))
+        held = self._trust.policy
+        if held is not None:
+            self.metrics.policy_version.set(held.version)
+        self._log.info(
+            "agent_starting",
+            version=__version__,
+            models=sorted(self._store.held),
+            trust_policy=held.version if held else "fixed key list",
+        )
         if self.config.agent.metrics_port:
             try:
                 self.metrics.serve(self.config.agent.metrics_port)
@@ -312,6 +321,7 @@ class Agent:
                 snap,
                 within_hours=self._hours.allows(local),
                 energy_today_wh=self.energy.today_wh,
+                trust_valid=self._trust.valid(self.trusted_now()),
             )
         )
         self.last_snapshot = snap
@@ -508,6 +518,7 @@ class Agent:
             reasons=("connection_lost",),
             agent_version=__version__,
             at=self._clock(),
+            policy_version=self._trust.policy.version if self._trust.policy else None,
         )
         b = self.config.broker
         return aiomqtt.Client(
@@ -534,6 +545,8 @@ class Agent:
                 async with self._make_client() as client:
                     self._client = client
                     await client.subscribe(topic(self.vehicle_id, Channel.JOBS), qos=1)
+                    if self._trust.policy is not None:
+                        await client.subscribe(POLICY_TOPIC, qos=1)
                     self._connected.set()
                     if not self._ready_sent:
                         self._ready_sent = self._notifier.ready(self._status_line()) or True
@@ -610,6 +623,7 @@ class Agent:
             reasons=tuple(r.value for r in decision.reasons) if decision else (),
             agent_version=__version__,
             at=self._clock(),
+            policy_version=self._trust.policy.version if self._trust.policy else None,
         )
         await client.publish(
             topic(self.vehicle_id, Channel.STATUS), dump_model(status), qos=1, retain=True
@@ -655,7 +669,42 @@ class Agent:
         async for message in client.messages:
             payload = message.payload
             raw = payload if isinstance(payload, bytes) else str(payload).encode()
-            await self.handle_job_message(raw)
+            if message.topic.matches(POLICY_TOPIC):
+                await self.handle_policy_message(raw)
+            else:
+                await self.handle_job_message(raw)
+
+    async def handle_policy_message(self, raw: bytes) -> None:
+        """A trust policy from the fleet: held from now on if the held one's roots admit it."""
+        if not raw:
+            return  # the retained policy was cleared: keep holding the one we have
+        held = self._trust.policy
+        try:
+            new = self._trust.update(raw, self.trusted_now())
+        except WireError as err:
+            self.counts[f"policy_rejected.{err.reason.value}"] += 1
+            self.metrics.policies.labels(outcome=err.reason.value).inc()
+            self._log.warning(
+                "trust_policy_rejected",
+                reason=err.reason.value,
+                detail=err.detail,
+                held_version=held.version if held else None,
+            )
+            return
+        if new is None:
+            return  # the retained copy of the policy already held, redelivered on connect
+        await asyncio.to_thread(self._jobs.save_policy, new.version, new.raw)
+        self.counts["policy_accepted"] += 1
+        self.metrics.policies.labels(outcome="accepted").inc()
+        self.metrics.policy_version.set(new.version)
+        self._log.info(
+            "trust_policy_updated",
+            version=new.version,
+            previous=held.version if held else None,
+            expires_at=new.policy.expires_at,
+            job_keys=len(new.policy.job_keys),
+        )
+        self._status_dirty.set()
 
     async def handle_job_message(self, raw: bytes) -> None:
         """Verify, parse and admit one job message; accept, hand back, or reject it."""
@@ -665,12 +714,13 @@ class Agent:
             verified = envelope.verify(
                 raw,
                 payload_type=envelope.JOB_TYPE,
-                trusted=self._trusted,
+                trusted=self._trust.ring,
                 max_bytes=self.config.agent.max_message_bytes,
             )
             job = parse_model(
                 verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
             )
+            self._trust.authorize(job, verified.keyid, self.trusted_now())
             owner = self.config.owner
             ctx = AdmissionContext(
                 vehicle_id=self.vehicle_id,

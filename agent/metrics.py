@@ -35,6 +35,15 @@ class AgentMetrics:
         self.compute_temp = Gauge(
             "edge_agent_compute_temp_c", "Compute module temperature", registry=r
         )
+        self.policies = Counter(
+            "edge_agent_trust_policies",
+            "Trust policies received: accepted, or the reason refused",
+            ["outcome"],
+            registry=r,
+        )
+        self.policy_version = Gauge(
+            "edge_agent_trust_policy_version", "Version of the trust policy held", registry=r
+        )
         self.duty = Gauge("edge_agent_duty", "Power governor duty cycle", registry=r)
         for reason in GateReason:
             self.gate_reason.labels(reason=reason.value).set(0)

@@ -6,6 +6,13 @@ edge-fleet keygen --job-key PATH --trusted-out PATH
                                       a job-signing key and the trusted-keys file for vehicles
 edge-fleet keygen --requester-key PATH
                                       a requester's X25519 key for receiving results
+edge-fleet keygen --root-key PATH     a fleet root key (keep it offline)
+edge-fleet policy sign --root-key PATH... --job-key PATH... --requester-key PATH...
+                       --version N --out FILE [--threshold K] [--also-sign-with PATH...]
+                       [--valid-days D] [--job-class NAME...]
+                                      a root-signed trust policy (offline)
+edge-fleet policy publish --policy FILE [--host H --port P --pki DIR]
+                                      put it on the retained policy topic for every vehicle
 edge-fleet register --registry PATH --vehicle-id ID --public-key B64
                                       record a vehicle's result-signing key
 edge-fleet submit --queue DB --requester-key PATH [--count N]
@@ -43,6 +50,7 @@ from agent.wire.keys import (
     VehicleKey,
     VehicleRegistryFile,
     ed25519_public,
+    key_id,
     load_requester_key,
     load_signing_key,
     public_b64,
@@ -71,6 +79,31 @@ def _parser() -> argparse.ArgumentParser:
     kg.add_argument("--job-key", type=Path)
     kg.add_argument("--trusted-out", type=Path)
     kg.add_argument("--requester-key", type=Path)
+    kg.add_argument("--root-key", type=Path)
+    pol = sub.add_parser("policy", help="sign or publish the fleet's trust policy")
+    polsub = pol.add_subparsers(dest="policy_command", required=True)
+    ps = polsub.add_parser("sign", help="write a root-signed trust policy")
+    ps.add_argument("--root-key", type=Path, action="append", required=True, metavar="PATH")
+    ps.add_argument("--threshold", type=int, default=1)
+    ps.add_argument(
+        "--also-sign-with",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="old root keys, when the roots rotate (the vehicles' held roots must sign)",
+    )
+    ps.add_argument("--job-key", type=Path, action="append", required=True, metavar="PATH")
+    ps.add_argument("--requester-key", type=Path, action="append", default=[], metavar="PATH")
+    ps.add_argument("--version", type=int, required=True)
+    ps.add_argument("--valid-days", type=float, default=30.0)
+    ps.add_argument("--job-class", action="append", default=[], metavar="NAME")
+    ps.add_argument("--out", type=Path, required=True)
+    pp = polsub.add_parser("publish", help="publish a signed policy, retained")
+    pp.add_argument("--policy", type=Path, required=True)
+    pp.add_argument("--host", default="127.0.0.1")
+    pp.add_argument("--port", type=int, default=8883)
+    pp.add_argument("--pki", type=Path)
     reg = sub.add_parser("register", help="record a vehicle's public key")
     reg.add_argument("--registry", type=Path, required=True)
     reg.add_argument("--vehicle-id", required=True)
@@ -107,12 +140,17 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    if args.job_key is None and args.requester_key is None:
+    if args.job_key is None and args.requester_key is None and args.root_key is None:
         print(
-            "say --job-key PATH (with --trusted-out PATH) or --requester-key PATH", file=sys.stderr
+            "say --job-key PATH (with --trusted-out PATH), --requester-key PATH or --root-key PATH",
+            file=sys.stderr,
         )
         return ExitCode.USAGE
     try:
+        if args.root_key is not None:
+            root = Ed25519PrivateKey.generate()
+            write_private_key(args.root_key, root)
+            print(f"wrote {args.root_key} (key id {key_id(root.public_key())}); keep it offline")
         if args.job_key is not None:
             if args.trusted_out is None:
                 print(
@@ -131,6 +169,67 @@ def _keygen(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         print(f"{exc.filename} exists; refusing to overwrite a key", file=sys.stderr)
         return ExitCode.KEY_EXISTS
+    return ExitCode.OK
+
+
+def _policy_sign(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from agent.wire.policy import load_root_policy
+    from broker.policy import DAY_S, make_policy, signed_policy
+
+    roots = [load_signing_key(p) for p in args.root_key]
+    old_roots = [load_signing_key(p) for p in args.also_sign_with]
+    try:
+        policy = make_policy(
+            version=args.version,
+            roots=[k.public_key() for k in roots],
+            threshold=args.threshold,
+            job_keys=[load_signing_key(p).public_key() for p in args.job_key],
+            requesters=[load_requester_key(p).public_key() for p in args.requester_key],
+            valid_s=args.valid_days * DAY_S,
+            job_classes=tuple(args.job_class),
+        )
+    except ValidationError as exc:
+        problems = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        print(f"no policy written: {problems}", file=sys.stderr)
+        return ExitCode.USAGE
+    raw = signed_policy(policy, roots + old_roots)
+    load_root_policy(raw)  # what a vehicle installing it will check first
+    args.out.write_bytes(raw)
+    print(
+        f"wrote {args.out}: policy v{policy.version}, {len(policy.job_keys)} job key(s), "
+        f"{len(policy.requester_keys)} requester(s), expires in {args.valid_days:g} days"
+    )
+    return ExitCode.OK
+
+
+async def _policy_publish(args: argparse.Namespace) -> int:
+    from agent.wire.mqtt import client_tls, is_loopback
+    from agent.wire.policy import load_root_policy
+    from broker.policy import publish_policy
+    from broker.provision import FleetPki
+
+    if args.pki is None and not is_loopback(args.host):
+        print(
+            f"refusing plaintext to {args.host}: give --pki (see edge-fleet provision)",
+            file=sys.stderr,
+        )
+        return ExitCode.USAGE
+    raw = args.policy.read_bytes()
+    policy = load_root_policy(raw)  # never publish something no vehicle would take
+    tls = None
+    if args.pki is not None:
+        pki = FleetPki(args.pki)
+        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
+    import aiomqtt
+
+    try:
+        await publish_policy(raw, host=args.host, port=args.port, tls=tls)
+    except aiomqtt.MqttError as exc:
+        print(f"not published: broker {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    print(f"published policy v{policy.version} on {args.host}:{args.port} (retained)")
     return ExitCode.OK
 
 
@@ -310,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
             return _provision(args)
         if args.command == "serve":
             return asyncio.run(_serve(args))
+        if args.command == "policy" and args.policy_command == "sign":
+            return _policy_sign(args)
+        if args.command == "policy":
+            return asyncio.run(_policy_publish(args))
         if args.command == "broker":
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             return _broker(args)

@@ -25,13 +25,14 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.wire.keys import KeyRing, load_signing_key, raw_public, write_private_key
+from agent.wire.keys import load_signing_key, raw_public, write_private_key
 from agent.wire.messages import Limits, ModelRef
 from agent.wire.mqtt import client_tls
 from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
+from broker.policy import DAY_S, make_policy, publish_policy, signed_policy
 from broker.provision import FleetPki, provision
 from broker.queue import JobQueue, JobTemplate
 
@@ -88,7 +89,7 @@ port = {port}
 
 [keys]
 vehicle_key = "vehicle.key"
-trusted_job_keys = "trusted-job-keys.json"
+trust_policy = "trust-policy.json"
 
 [models]
 dir = "{MODELS}"
@@ -135,13 +136,40 @@ def run_demo(
 
     job_key = Ed25519PrivateKey.generate()
     requester = X25519PrivateKey.generate()
+    root = Ed25519PrivateKey.generate()
     write_private_key(workdir / "fleet" / "job-signing.key", job_key)
     write_private_key(workdir / "fleet" / "requester.key", requester)
+    write_private_key(workdir / "fleet" / "root.key", root)
+
+    def policy(version: int) -> bytes:
+        return signed_policy(
+            make_policy(
+                version=version,
+                roots=[root.public_key()],
+                threshold=1,
+                job_keys=[job_key.public_key()],
+                requesters=[requester.public_key()],
+                valid_s=DAY_S,
+                job_classes=("digits-eval",),
+            ),
+            [root],
+        )
+
+    # Each car is installed with v1; the fleet publishes v2 (retained) and the cars take it.
+    installed_policy, published_policy = policy(1), policy(2)
 
     started = time.monotonic()
     pki = provision(workdir / "pki", [v.vehicle_id for v in VEHICLES]) if secure else None
     broker = LocalMosquitto(workdir / "mosquitto", pki=pki)
     broker.start()
+    asyncio.run(
+        publish_policy(
+            published_policy,
+            host="localhost" if pki else broker.host,
+            port=broker.port,
+            tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
+        )
+    )
     mode = "TLS with client certificates and the per-vehicle ACL" if pki else "plaintext"
     print(f"mosquitto listening on 127.0.0.1:{broker.port} ({mode})")
     procs: list[subprocess.Popen[bytes]] = []
@@ -156,7 +184,7 @@ def run_demo(
                 stdout=subprocess.DEVNULL,
             )
             vehicle_keys[v.vehicle_id] = load_signing_key(d / "vehicle.key").public_key()
-            (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
+            (d / "trust-policy.json").write_bytes(installed_policy)
             config = _vehicle_config(d, v, broker.port, pki)
             log = (d / "agent.log").open("wb")
             procs.append(
@@ -230,6 +258,9 @@ def run_demo(
             "gate_reasons": list(node.status[v.vehicle_id].reasons)
             if v.vehicle_id in node.status
             else None,
+            "trust_policy_version": node.status[v.vehicle_id].policy_version
+            if v.vehicle_id in node.status
+            else None,
         }
     ineligible_ran = sum(
         r["jobs_run"] + r["results_verified"] + r["jobs_received"]
@@ -250,7 +281,10 @@ def run_demo(
         "ineligible_vehicles_ran_jobs": ineligible_ran > 0,
         "wall_seconds": round(time.monotonic() - started, 2),
         "transport": "mutual TLS + ACL" if secure else "plaintext (loopback)",
-        "ok": verified == jobs and ineligible_ran == 0 and agree == verified,
+        "ok": verified == jobs
+        and ineligible_ran == 0
+        and agree == verified
+        and all(r["trust_policy_version"] == 2 for r in per_vehicle.values()),
     }
     queue.close()
     return report
@@ -259,12 +293,16 @@ def run_demo(
 def print_report(report: dict[str, object]) -> None:
     per_vehicle = report["per_vehicle"]
     assert isinstance(per_vehicle, dict)
-    head = f"{'vehicle':<13}{'scenario':<17}{'requests':>9}{'received':>9}{'ran':>6}{'results':>9}  gate"
+    head = (
+        f"{'vehicle':<13}{'scenario':<17}{'policy':>7}{'requests':>9}{'received':>9}"
+        f"{'ran':>6}{'results':>9}  gate"
+    )
     print("\n" + head + "\n" + "-" * (len(head) + 20))
     for vid, r in per_vehicle.items():
         reasons = ",".join(r["gate_reasons"] or []) or "open"
         print(
-            f"{vid:<13}{r['scenario']:<17}{r['work_requests']:>9}{r['jobs_received']:>9}"
+            f"{vid:<13}{r['scenario']:<17}{'v' + str(r['trust_policy_version']):>7}"
+            f"{r['work_requests']:>9}{r['jobs_received']:>9}"
             f"{r['jobs_run']:>6}{r['results_verified']:>9}  {reasons}"
         )
     print(

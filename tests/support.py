@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import numpy as np
@@ -22,9 +23,11 @@ from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.keys import KeyRing, key_id, raw_public, write_private_key
 from agent.wire.messages import JobSpec, Limits, ModelRef
-from agent.wire.mqtt import NO_DELAY
+from agent.wire.mqtt import NO_DELAY, client_tls
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
+from broker.policy import make_policy, signed_policy
+from broker.provision import FleetPki
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -43,10 +46,25 @@ def holdout() -> tuple[np.ndarray, np.ndarray]:
 class FleetKeys:
     job_key: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
     requester: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate)
+    root: Ed25519PrivateKey = field(default_factory=Ed25519PrivateKey.generate)
 
     @property
     def issuer(self) -> str:
         return key_id(self.job_key.public_key())
+
+    def policy(self, version: int = 1, **kw: Any) -> bytes:
+        """A trust policy signed by the root: the job key delegated, the requester named."""
+        fields: dict[str, Any] = dict(
+            version=version,
+            roots=[self.root.public_key()],
+            threshold=1,
+            job_keys=[self.job_key.public_key()],
+            requesters=[self.requester.public_key()],
+            valid_s=86_400.0,
+        )
+        signers = kw.pop("signers", [self.root])
+        fields.update(kw)
+        return signed_policy(make_policy(**fields), signers)
 
 
 @dataclass
@@ -70,13 +88,25 @@ def write_vehicle(
     owner: str = "",
     vehicle: str = "",
     limits: str = "",
+    trust: str = "policy",
+    pki: FleetPki | None = None,
 ) -> VehicleFiles:
-    """Write a vehicle's key, trusted-keys file and config under `tmp`."""
+    """Write a vehicle's key, its trust anchor and config under `tmp`.
+
+    trust="policy": a root-signed trust policy (as on a vehicle); "keys": a fixed key list.
+    With `pki` (from `edge-fleet provision`, naming this vehicle) the agent uses mutual TLS.
+    """
     d = tmp / vehicle_id
     d.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     write_private_key(d / "vehicle.key", key)
     (d / "trusted-job-keys.json").write_bytes(KeyRing.of(fleet.job_key.public_key()).to_file())
+    (d / "trust-policy.json").write_bytes(fleet.policy())
+    anchor = (
+        'trust_policy = "trust-policy.json"'
+        if trust == "policy"
+        else 'trusted_job_keys = "trusted-job-keys.json"'
+    )
     consent = 'consent_version = "2026-11"\nconsent_date = 2026-11-01\n' if opted_in else ""
     (d / "agent.toml").write_text(
         f"""
@@ -95,13 +125,12 @@ gate_hold_s = {hold_s}
 {limits}
 
 [broker]
-tls = false  # a private plaintext broker on loopback
-host = "127.0.0.1"
+{_broker_section(vehicle_id, pki)}
 port = {port}
 
 [keys]
 vehicle_key = "vehicle.key"
-trusted_job_keys = "trusted-job-keys.json"
+{anchor}
 
 [models]
 dir = "{MODELS}"
@@ -118,6 +147,32 @@ vehicle_poll_s = 0.02
 """
     )
     return VehicleFiles(vehicle_id, d / "agent.toml", key)
+
+
+def _broker_section(vehicle_id: str, pki: FleetPki | None) -> str:
+    if pki is None:
+        return 'tls = false  # a private plaintext broker on loopback\nhost = "127.0.0.1"'
+    identity = pki.vehicle(vehicle_id)
+    return (
+        f'tls = true\nhost = "localhost"\nca_file = "{pki.ca}"\n'
+        f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
+    )
+
+
+def fleet_client(port: int, pki: FleetPki | None = None, **kw: Any) -> aiomqtt.Client:
+    """An MQTT v5 client as the fleet's tools connect: mutual TLS with `pki`, else plaintext."""
+    if pki is None:
+        return aiomqtt.Client(
+            "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NO_DELAY, **kw
+        )
+    return aiomqtt.Client(
+        "localhost",
+        port,
+        protocol=aiomqtt.ProtocolVersion.V5,
+        socket_options=NO_DELAY,
+        tls_context=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key),
+        **kw,
+    )
 
 
 @contextlib.asynccontextmanager
@@ -206,10 +261,10 @@ class Observer:
 
 
 @contextlib.asynccontextmanager
-async def observing(port: int, vehicle_id: str) -> AsyncIterator[Observer]:
-    async with aiomqtt.Client(
-        "127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5, socket_options=NO_DELAY
-    ) as client:
+async def observing(
+    port: int, vehicle_id: str, pki: FleetPki | None = None
+) -> AsyncIterator[Observer]:
+    async with fleet_client(port, pki) as client:
         for ch in (Channel.EVENTS, Channel.RESULTS, Channel.WORK):
             await client.subscribe(topic(vehicle_id, ch), qos=1)
         obs = Observer(client, vehicle_id)

@@ -133,10 +133,10 @@ def test_tampered_policy_is_refused():
     ("keyid", "job_class", "model", "now", "reason"),
     [
         ("0" * 16, "digits-eval", MODEL, NOW, Reason.UNKNOWN_KEY),
-        (None, "weather", MODEL, NOW, Reason.CLASS_NOT_ACCEPTED),
-        (None, "digits-eval", "b" * 64, NOW, Reason.MODEL_MISMATCH),
+        (None, "weather", MODEL, NOW, Reason.KEY_OUT_OF_SCOPE),
+        (None, "digits-eval", "b" * 64, NOW, Reason.KEY_OUT_OF_SCOPE),
         (None, "digits-eval", MODEL, NOW + 601, Reason.EXPIRED),
-        (None, "digits-eval", MODEL, NOW + 3601, Reason.EXPIRED),
+        (None, "digits-eval", MODEL, NOW + 3601, Reason.POLICY_EXPIRED),
     ],
     ids=[
         "unknown-key",

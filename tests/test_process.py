@@ -100,7 +100,7 @@ def test_demo_runs_end_to_end(tmp_path):
         ("agent.toml", 0o666, "the config"),
         ("vehicle.key", 0o644, "readable by group or others"),
         ("vehicle.key", 0o620, "writable by group or others"),
-        ("trusted-job-keys.json", 0o646, "the trusted keys file"),
+        ("trust-policy.json", 0o646, "the trust anchor"),
     ],
 )
 def test_agent_refuses_files_others_could_change(tmp_path, fleet, mosquitto, target, mode, needle):

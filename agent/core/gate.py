@@ -8,6 +8,7 @@ Rules; each one that fails adds its reason, and any reason closes the gate at on
   - compute module below `max_compute_temp_c`  (reopens only below `resume_compute_temp_c`)
   - today's energy below the owner's daily allowance
   - every sensor readable (a fault closes the gate: fail safe)
+  - the fleet's trust policy unexpired (an expired one admits no job: fail closed)
 The thresholds latch (hysteresis), and after any close the gate holds closed
 for `hold_s` before it may reopen, so a value hovering at a limit cannot make
 it flap. Closing is never delayed.
@@ -32,6 +33,7 @@ class GateReason(StrEnum):
     COMPUTE_TOO_HOT = "compute_too_hot"
     ENERGY_SPENT = "daily_energy_spent"
     SENSOR_FAULT = "sensor_fault"
+    TRUST_EXPIRED = "trust_policy_expired"
     HOLDING = "holding_after_close"
 
 
@@ -55,6 +57,7 @@ class GateInputs:
     snapshot: VehicleSnapshot
     within_hours: bool = True
     energy_today_wh: float = 0.0
+    trust_valid: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,7 @@ class Gate:
             (self._compute_hot, GateReason.COMPUTE_TOO_HOT),
             (inputs.energy_today_wh >= p.daily_energy_wh, GateReason.ENERGY_SPENT),
             (bool(snap.faults), GateReason.SENSOR_FAULT),
+            (not inputs.trust_valid, GateReason.TRUST_EXPIRED),
         )
         reasons = [reason for failed, reason in rules if failed]
 

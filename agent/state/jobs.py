@@ -7,6 +7,8 @@ One SQLite file (WAL) in the state directory, beside the energy ledger:
            them back (released, reason agent_restarted) instead of forgetting them;
   meta     the trusted clock floor: the latest issue time of any verified job, so a
            clock set backwards cannot revive expired jobs;
+  policy   the trust policy held (its signed envelope), once one has arrived over the
+           wire: a restart never falls back to the older installed file;
   outbox   sealed results, written before they are published and removed only once
            the broker has acknowledged them (QoS 1 PUBACK), sent in order on every
            (re)connection. A job's result enters the outbox in the same transaction
@@ -33,6 +35,9 @@ CREATE TABLE IF NOT EXISTS journal (
     PRIMARY KEY (job_id, attempt)
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS policy (
+    id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL, raw BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
     job_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at REAL NOT NULL
@@ -81,6 +86,21 @@ class JobStore:
                 "INSERT INTO meta VALUES ('clock_floor', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
                 (at,),
+            )
+
+    # ---- trust policy ------------------------------------------------------
+
+    def held_policy(self) -> bytes | None:
+        with self._lock:
+            row = self._db.execute("SELECT raw FROM policy WHERE id = 1").fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_policy(self, version: int, raw: bytes) -> None:
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO policy VALUES (1, ?, ?) "
+                "ON CONFLICT(id) DO UPDATE SET version = excluded.version, raw = excluded.raw",
+                (version, raw),
             )
 
     def prune_seen(self, now: float) -> int:

@@ -31,6 +31,11 @@ class Reason(StrEnum):
     CLASS_NOT_ACCEPTED = "class_not_accepted"
     BAD_CIPHERTEXT = "bad_ciphertext"
     UNKNOWN_JOB = "unknown_job"
+    # The trust policy: a delegated key signing outside its scope, a requester it does not name,
+    # or no valid policy at all (expired: fail closed until a fresh one arrives).
+    KEY_OUT_OF_SCOPE = "key_out_of_scope"
+    REQUESTER_NOT_ALLOWED = "requester_not_allowed"
+    POLICY_EXPIRED = "trust_policy_expired"
     # Not refusals of the message itself: the vehicle hands the job back.
     GATE_CLOSED = "gate_closed"
     BUSY = "busy"

@@ -116,6 +116,8 @@ class VehicleStatus(WireModel):
     reasons: tuple[str, ...] = Field(default=(), max_length=32)
     agent_version: str = Field(default="", max_length=32)
     at: float = Field(ge=0, allow_inf_nan=False)
+    # The trust policy the vehicle holds (None: a fixed key list), so the fleet sees a rollout.
+    policy_version: int | None = Field(default=None, ge=1)
 
 
 SUITE: Final = "X25519-HKDF-SHA256-ChaCha20Poly1305"

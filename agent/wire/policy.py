@@ -11,7 +11,8 @@ only if:
 The very first policy comes with the vehicle (a file installed with it) and must
 be signed by a threshold of its own roots.
 
-Not yet wired into the agent: this module is the decision, tested on its own.
+The agent holds one policy at a time (agent/trust.py); this module is the
+decision, pure and tested on its own.
 """
 
 from __future__ import annotations
@@ -121,10 +122,7 @@ def _count_signers(env: envelope.Envelope, ring: KeyRing) -> int:
     return len(signers)
 
 
-def accept_policy(
-    raw: bytes, held: TrustPolicy | None, now: float, *, max_clock_skew_s: float = 60.0
-) -> TrustPolicy:
-    """The new policy in `raw`, if the rules above admit it over `held`; WireError otherwise."""
+def _parse(raw: bytes) -> tuple[envelope.Envelope, TrustPolicy]:
     if len(raw) > MAX_POLICY_BYTES:
         raise WireError(Reason.OVERSIZED, f"policy of {len(raw)} bytes exceeds {MAX_POLICY_BYTES}")
     env = parse_model(
@@ -134,8 +132,31 @@ def accept_policy(
         raise WireError(
             Reason.WRONG_PAYLOAD_TYPE, f"payloadType {env.payloadType!r} is not a policy"
         )
-    # Parse only to learn the new roots; nothing in it is trusted before the counts below.
+    # Parsed only to learn the new roots; nothing in it is trusted before the signature counts.
     new = parse_model(env.payload, TrustPolicy, what="policy", reason=Reason.MALFORMED_PAYLOAD)
+    return env, new
+
+
+def load_root_policy(raw: bytes) -> TrustPolicy:
+    """The policy installed with the vehicle (or kept in its state): signed by a threshold of
+    its own roots. No time checks: an expired one is still the anchor for the next, it just
+    admits no jobs (job_key_for fails closed)."""
+    env, new = _parse(raw)
+    have = _count_signers(env, new.roots())
+    if have < new.root_threshold:
+        raise WireError(
+            Reason.BAD_SIGNATURE,
+            f"policy v{new.version} has {have} valid signature(s) from its own roots, "
+            f"{new.root_threshold} required",
+        )
+    return new
+
+
+def accept_policy(
+    raw: bytes, held: TrustPolicy | None, now: float, *, max_clock_skew_s: float = 60.0
+) -> TrustPolicy:
+    """The new policy in `raw`, if the rules above admit it over `held`; WireError otherwise."""
+    env, new = _parse(raw)
     needed = [(new.roots(), new.root_threshold, "its own roots")]
     if held is not None:
         needed = [(held.roots(), held.root_threshold, "the current roots")]
@@ -175,7 +196,7 @@ def job_key_for(
     """The delegated key `keyid` if the policy lets it sign this job now; WireError otherwise."""
     if now >= policy.expires_at:
         raise WireError(
-            Reason.EXPIRED,
+            Reason.POLICY_EXPIRED,
             f"the trust policy v{policy.version} has expired: "
             "no new jobs until a fresh one arrives",
         )
@@ -186,10 +207,10 @@ def job_key_for(
         raise WireError(Reason.EXPIRED, f"job-signing key {keyid} expired")
     if key.job_classes and job_class not in key.job_classes:
         raise WireError(
-            Reason.CLASS_NOT_ACCEPTED, f"key {keyid} may not sign jobs of class {job_class!r}"
+            Reason.KEY_OUT_OF_SCOPE, f"key {keyid} may not sign jobs of class {job_class!r}"
         )
     if key.models and model_sha256 not in key.models:
-        raise WireError(Reason.MODEL_MISMATCH, f"key {keyid} may not sign jobs for that model")
+        raise WireError(Reason.KEY_OUT_OF_SCOPE, f"key {keyid} may not sign jobs for that model")
     return JobAuthority(ed25519_public(key.public_key))
 
 

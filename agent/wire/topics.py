@@ -5,6 +5,7 @@ fleet/v1/vehicles/{vehicle_id}/jobs      dispatcher -> vehicle   signed job enve
 fleet/v1/vehicles/{vehicle_id}/events    vehicle -> fleet        JobEvent
 fleet/v1/vehicles/{vehicle_id}/results   vehicle -> collector    signed sealed result
 fleet/v1/vehicles/{vehicle_id}/status    vehicle -> fleet        VehicleStatus (retained, Last Will)
+fleet/v1/policy                          fleet -> every vehicle  root-signed trust policy (retained)
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import re
 from enum import StrEnum
 
 PREFIX = "fleet/v1/vehicles"
+POLICY_TOPIC = "fleet/v1/policy"
 
 # A vehicle id is one whole topic level and an ACL username: no wildcards, no
 # separators, nothing that could widen a pattern (CVE-2017-7650).
