@@ -3,6 +3,11 @@
 edge-agent run [--config PATH]        serve (the systemd service runs this)
 edge-agent check-config PATH          validate an owner config; non-zero on error
 edge-agent keygen --out PATH          make the vehicle's Ed25519 signing key
+edge-agent models add FILE --name N --sha256 HEX [--config PATH]
+                                      install a model into the state directory's store:
+                                      staged, checked against the pin, inspected, moved in
+edge-agent models list [--config PATH]
+                                      the models the agent will hold, and any left out
 """
 
 from __future__ import annotations
@@ -42,7 +47,48 @@ def _parser() -> argparse.ArgumentParser:
     vset = vsub.add_parser("set", help="set fields, e.g. gear=D plugged_in=false")
     _socket_args(vset)
     vset.add_argument("fields", nargs="+", metavar="KEY=VALUE")
+    models = sub.add_parser("models", help="install or list models")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    madd = msub.add_parser("add", help="install a pinned model file")
+    madd.add_argument("file", type=Path)
+    madd.add_argument("--name", required=True)
+    madd.add_argument("--sha256", required=True, help="the pin, from the fleet's job spec")
+    madd.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    mlist = msub.add_parser("list", help="list the models held")
+    mlist.add_argument("--config", type=Path, default=DEFAULT_PATH)
     return p
+
+
+def _models(args: argparse.Namespace) -> int:
+    from agent.inference.store import ModelStore, ModelStoreError
+
+    try:
+        cfg = load_config(args.config)
+        store = ModelStore.open(
+            cfg.models.dir,
+            installed=cfg.state.dir / "models",
+            allowed_domains=frozenset(cfg.models.allowed_domains),
+            max_bytes=cfg.models.max_bytes,
+        )
+        if args.models_command == "add":
+            held = store.install(args.file, name=args.name, sha256=args.sha256)
+            inputs = ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in held.inputs.items())
+            print(
+                f"installed {held.name} ({held.size} bytes, sha256 {held.sha256[:16]}..): {inputs}"
+            )
+            print("the agent holds it from its next start or reload (systemctl reload edge-agent)")
+            return ExitCode.OK
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return ExitCode.CONFIG
+    except ModelStoreError as exc:
+        print(f"not installed: {exc}", file=sys.stderr)
+        return ExitCode.CONFIG
+    for name, held in sorted(store.held.items()):
+        print(f"{name:<16} {held.size:>10} bytes  sha256 {held.sha256}  {store.path_of(held)}")
+    for problem in store.problems:
+        print(f"LEFT OUT  {problem}")
+    return ExitCode.OK
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         return _keygen(args.out)
     if args.command in ("status", "vehicle"):
         return _control(args)
+    if args.command == "models":
+        return _models(args)
     logs.configure(json=not args.console)
     return asyncio.run(_serve(args.config))
 

@@ -198,6 +198,16 @@ class KeysSection(_Section):
 
 class ModelsSection(_Section):
     dir: Path
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=1024, le=8 * 1024**3)
+    allowed_domains: tuple[str, ...] = ("", "ai.onnx", "ai.onnx.ml")
+
+    @field_validator("allowed_domains")
+    @classmethod
+    def _domains(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for domain in value:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{0,128}", domain):
+                raise ValueError(f"{domain!r} is not an operator domain name")
+        return value
 
 
 class StateSection(_Section):

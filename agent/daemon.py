@@ -38,7 +38,7 @@ from agent.core.energy import EnergyMeter
 from agent.core.gate import Gate, GateDecision, GateInputs, GatePolicy
 from agent.core.governor import PowerGovernor
 from agent.inference.engine import WorkerEngine
-from agent.inference.store import ModelStore
+from agent.inference.store import ModelStore, ModelStoreError
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.state.jobs import JobStore
@@ -197,6 +197,8 @@ class Agent:
             models=sorted(self._store.held),
             trust_policy=held.version if held else "fixed key list",
         )
+        for problem in self._store.problems:
+            self._log.warning("model_left_out", problem=problem)
         if self.config.agent.metrics_port:
             try:
                 self.metrics.serve(self.config.agent.metrics_port)
@@ -501,10 +503,31 @@ class Agent:
         self.config = self.config.model_copy(update={"owner": new.owner, "limits": new.limits})
         self.gate.update_policy(gate_policy(self.config))
         self._hours = self.config.owner.allowed_hours
+        self._reopen_models()
         self._log.info("config_reloaded", restart_needed_for=restart or None)
         self.observe(self._clock())
         self._status_dirty.set()
         return restart
+
+    def _reopen_models(self) -> None:
+        """Pick up models installed since the start (`edge-agent models add`), re-verified."""
+        old = self._store
+        try:
+            store = ModelStore.open(
+                old.folder,
+                installed=old.installed,
+                allowed_domains=old.allowed_domains,
+                max_bytes=old.max_bytes,
+            )
+        except ModelStoreError as exc:
+            self._log.error("models_not_reloaded", error=str(exc), kept=sorted(old.held))
+            return
+        self._store = store
+        for problem in store.problems:
+            self._log.warning("model_left_out", problem=problem)
+        added = sorted(set(store.held) - set(old.held))
+        if added:
+            self._log.info("models_added", models=added)
 
     # ---- the connection ---------------------------------------------------
 
@@ -637,7 +660,6 @@ class Agent:
 
     async def _request_work(self, client: aiomqtt.Client) -> None:
         interval = self.config.agent.work_request_interval_s
-        held = tuple(ModelHeld(name=m.name, sha256=m.sha256) for m in self._store.held.values())
         while True:
             self._wake_requester.clear()
             busy = self._queue.qsize() + (1 if self._current else 0) + self._outstanding
@@ -646,11 +668,12 @@ class Agent:
             worth_asking = free > 0 and self._outbox_depth < self.config.agent.outbox_max
             if self.gate.is_open and not self._stopping and worth_asking:
                 self._request_id += 1
+                held = self._store.held.values()
                 request = WorkRequest(
                     vehicle_id=self.vehicle_id,
                     request_id=self._request_id,
                     capacity=free,
-                    models=held,
+                    models=tuple(ModelHeld(name=m.name, sha256=m.sha256) for m in held),
                     sent_at=self._clock(),
                 )
                 self._outstanding += free

@@ -1,0 +1,253 @@
+"""The model store: files staged privately, verified against their pin, inspected, then moved in;
+models with external data or operator domains outside the allowlist never reach onnxruntime."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from agent.exitcodes import ExitCode
+from agent.inference.modelcheck import ModelCheckError, check_model, inspect_model
+from agent.inference.store import STAGING, ModelStore, ModelStoreError
+from tests.support import MODELS, FleetKeys, write_vehicle
+
+ONNX_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64"}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _add_model(domain: str = "", *, nested: bool = False) -> onnx.ModelProto:
+    """y = x + w, with the Add in `domain` (optionally inside an If branch)."""
+    w = numpy_helper.from_array(np.ones((1, 4), np.float32), "w")
+    add = helper.make_node("Add", ["x", "w"], ["y"], domain=domain)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    opsets = [helper.make_opsetid("", 17)]
+    if domain:
+        opsets.append(helper.make_opsetid(domain, 1))
+    if not nested:
+        graph = helper.make_graph([add], "g", [x], [y], [w])
+    else:
+        branch = helper.make_graph([add], "branch", [], [y])
+        cond = numpy_helper.from_array(np.array(True), "cond")
+        node = helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+        graph = helper.make_graph([node], "g", [x], [y], [w, cond])
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+def _external_model(tmp_path) -> bytes:
+    model = _add_model()
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    return path.read_bytes()
+
+
+@pytest.fixture
+def store(tmp_path) -> ModelStore:
+    return ModelStore.open(MODELS, installed=tmp_path / "state" / "models")
+
+
+def _left_in_store(store: ModelStore) -> list[str]:
+    assert store.installed is not None
+    return sorted(
+        str(p.relative_to(store.installed)) for p in store.installed.rglob("*") if p.is_file()
+    )
+
+
+@pytest.mark.parametrize("name", ["digits.onnx", "burn.onnx"])
+def test_inspection_agrees_with_onnx(name):
+    """Domains and inputs read by our wire walker match what the onnx package reads."""
+    data = (MODELS / name).read_bytes()
+    facts = inspect_model(data)
+    model = onnx.load_from_string(data)
+    domains = {o.domain for o in model.opset_import} | {n.domain for n in model.graph.node}
+    assert facts.domains == domains
+    inits = {i.name for i in model.graph.initializer}
+    expected = {
+        i.name: (
+            ONNX_DTYPES[i.type.tensor_type.elem_type],
+            tuple(
+                d.dim_value if d.HasField("dim_value") else None
+                for d in i.type.tensor_type.shape.dim
+            ),
+        )
+        for i in model.graph.input
+        if i.name not in inits
+    }
+    assert {k: (v.dtype, v.shape) for k, v in facts.inputs.items()} == expected
+    assert facts.external_data == []
+
+
+def test_external_data_is_refused(tmp_path):
+    """A model whose weights live in another file is refused before any session exists."""
+    with pytest.raises(ModelCheckError, match="external files"):
+        check_model(_external_model(tmp_path))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["top-level", "inside-an-If-branch"])
+def test_domain_outside_the_allowlist_is_refused(nested):
+    """A custom operator domain is refused, also when it hides in a subgraph; the operator can
+    allow it by name."""
+    data = _add_model("com.evil", nested=nested).SerializeToString()
+    with pytest.raises(ModelCheckError, match="com.evil"):
+        check_model(data)
+    assert "com.evil" in check_model(data, frozenset({"", "com.evil"})).domains
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x00\x01\x02", b"\x3a\xff\xff\xff\xff\x0f", b"\x08" + b"\xff" * 11, b"not onnx"],
+    ids=["empty", "field-zero", "length-past-end", "long-varint", "text"],
+)
+def test_malformed_files_are_typed_errors(data):
+    with pytest.raises(ModelCheckError):
+        check_model(data)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.binary(max_size=512))
+def test_random_bytes_give_only_model_check_errors(data):
+    """Whatever the bytes, the walker answers with facts or a ModelCheckError, nothing else."""
+    try:
+        check_model(data)
+    except ModelCheckError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_mutated_real_models_give_only_model_check_errors(data):
+    raw = bytearray((MODELS / "digits.onnx").read_bytes())
+    for _ in range(data.draw(st.integers(1, 8))):
+        i = data.draw(st.integers(0, len(raw) - 1))
+        raw[i] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(1, len(raw)))
+    try:
+        check_model(bytes(raw[:cut]))
+    except ModelCheckError:
+        pass
+
+
+def test_install_stages_verifies_and_moves_into_place(store, tmp_path):
+    """A pinned file is installed under its digest, recorded, and held after a reopen."""
+    source = MODELS / "burn.onnx"
+    held = store.install(source, name="burn-b", sha256=_sha(source.read_bytes()))
+    assert held.inputs["x"].shape == (1, 256)
+    assert _left_in_store(store) == [f"{held.sha256}.onnx", "installed.json"]
+    again = ModelStore.open(MODELS, installed=store.installed)
+    assert again.held["burn-b"] == held
+    assert again.problems == []
+
+
+def test_install_refuses_a_file_that_does_not_match_its_pin(store):
+    """Wrong bytes for the pin: refused, and nothing partial is left in staging or the store."""
+    with pytest.raises(ModelStoreError, match="does not match its pin"):
+        store.install(MODELS / "burn.onnx", name="burn-b", sha256="0" * 64)
+    assert _left_in_store(store) == []
+    assert "burn-b" not in store.held
+
+
+def test_install_refuses_hostile_models_and_leaves_nothing(store, tmp_path):
+    for name, data in [
+        ("ext", _external_model(tmp_path)),
+        ("evil", _add_model("com.evil").SerializeToString()),
+    ]:
+        path = tmp_path / f"{name}.onnx"
+        path.write_bytes(data)
+        with pytest.raises(ModelStoreError, match="refused"):
+            store.install(path, name=name, sha256=_sha(data))
+    assert _left_in_store(store) == []
+    assert oct((store.installed / STAGING).stat().st_mode & 0o777) == "0o700"
+
+
+def test_install_refuses_a_file_over_the_size_limit(tmp_path):
+    store = ModelStore.open(MODELS, installed=tmp_path / "models", max_bytes=200_000)
+    source = MODELS / "burn.onnx"  # 263 KB
+    with pytest.raises(ModelStoreError, match="larger than models.max_bytes"):
+        store.install(source, name="big", sha256=_sha(source.read_bytes()))
+    assert _left_in_store(store) == []
+
+
+def test_install_refuses_bad_names_and_pins_and_taken_names(store):
+    source = MODELS / "burn.onnx"
+    sha = _sha(source.read_bytes())
+    for kwargs, needle in [
+        (dict(name="../x", sha256=sha), "model name"),
+        (dict(name="x", sha256="ABC"), "sha256"),
+        (dict(name="digits", sha256=sha), "already held"),
+    ]:
+        with pytest.raises(ModelStoreError, match=needle):
+            store.install(source, **kwargs)
+
+
+def test_a_file_swapped_after_install_is_left_out_at_the_next_open(store):
+    """The store re-verifies every file when it opens: a swapped file is reported, not held."""
+    source = MODELS / "burn.onnx"
+    held = store.install(source, name="burn-b", sha256=_sha(source.read_bytes()))
+    path = store.path_of(held)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    again = ModelStore.open(MODELS, installed=store.installed)
+    assert "burn-b" not in again.held
+    assert any("burn-b" in p and "does not match" in p for p in again.problems)
+
+
+def test_shipped_models_are_inspected_too(tmp_path):
+    """A shipped folder whose model uses a domain outside the allowlist leaves that model out."""
+    folder = tmp_path / "shipped"
+    shutil.copytree(MODELS, folder)
+    store = ModelStore.open(folder, allowed_domains=frozenset({""}))
+    assert "digits" not in store.held  # uses ai.onnx.ml
+    assert "burn" in store.held
+    assert any("ai.onnx.ml" in p for p in store.problems)
+
+
+def test_models_cli_installs_and_refuses_with_exit_codes(tmp_path):
+    """`edge-agent models add` installs a pinned file (exit 0) and refuses a wrong pin (exit 78)
+    with the reason; `models list` shows it."""
+    files = write_vehicle(tmp_path, "veh-models", port=1883, fleet=FleetKeys())
+    source = MODELS / "burn.onnx"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "models",
+                *args,
+                "--config",
+                str(files.config_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+
+    bad = cli("add", str(source), "--name", "burn-b", "--sha256", "1" * 64)
+    assert bad.returncode == ExitCode.CONFIG
+    assert "does not match its pin" in bad.stderr
+    good = cli("add", str(source), "--name", "burn-b", "--sha256", _sha(source.read_bytes()))
+    assert good.returncode == ExitCode.OK, good.stderr
+    listed = cli("list")
+    assert "burn-b" in listed.stdout and "digits" in listed.stdout
