@@ -122,14 +122,14 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
     try:
         signing_key = load_signing_key(config.keys.vehicle_key)
         scenario = load_scenario(config.vehicle.scenario) if config.vehicle.scenario else Scenario()
+        ledger = EnergyLedger(config.state.dir / "state.db")
+        jobs = JobStore(config.state.dir / "state.db")
         store = ModelStore.open(
             config.models.dir,
             installed=config.state.dir / "models",
             allowed_domains=frozenset(config.models.allowed_domains),
             max_bytes=config.models.max_bytes,
         )
-        ledger = EnergyLedger(config.state.dir / "state.db")
-        jobs = JobStore(config.state.dir / "state.db")
         trust = build_trust(config, jobs, clock())
     except (KeyFileError, ScenarioError, ModelStoreError, StateError) as exc:
         raise StartupError(str(exc)) from None

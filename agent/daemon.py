@@ -107,6 +107,22 @@ class AcceptedJob:
     digest: str  # sha256 of what the fleet signed; binds the sealed result
 
 
+def _counting_queue(
+    on_drop: Callable[[aiomqtt.Message], None],
+) -> type[asyncio.Queue[aiomqtt.Message]]:
+    """aiomqtt's inbound queue type, telling `on_drop` about each message it has to discard."""
+
+    class CountingQueue(asyncio.Queue[aiomqtt.Message]):
+        def put_nowait(self, item: aiomqtt.Message) -> None:
+            try:
+                super().put_nowait(item)
+            except asyncio.QueueFull:
+                on_drop(item)
+                raise
+
+    return CountingQueue
+
+
 class _Shutdown(Exception):  # noqa: N818 - a control-flow signal, not an error
     """Raised inside the TaskGroup to end it after an orderly stop."""
 
@@ -531,6 +547,21 @@ class Agent:
 
     # ---- the connection ---------------------------------------------------
 
+    def _inbound_dropped(self, message: aiomqtt.Message) -> None:
+        """A message arrived while the inbound queue was full (a flood): it is dropped, counted
+        and logged. A job dropped here was never accepted: the fleet's lease expires and it
+        goes to another car."""
+        self.counts["inbound_dropped"] += 1
+        self.metrics.inbound_dropped.inc()
+        dropped = self.counts["inbound_dropped"]
+        if dropped == 1 or dropped % 100 == 0:
+            self._log.warning(
+                "inbound_queue_full_message_dropped",
+                topic=message.topic.value,
+                dropped_total=dropped,
+                queue_limit=self._capacity * 4 + 16,
+            )
+
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.MaximumPacketSize = self.config.agent.max_message_bytes + _PACKET_OVERHEAD
@@ -554,6 +585,7 @@ class Agent:
                 topic(self.vehicle_id, Channel.STATUS), dump_model(offline), qos=1, retain=True
             ),
             max_queued_incoming_messages=self._capacity * 4 + 16,
+            queue_type=_counting_queue(self._inbound_dropped),
             max_inflight_messages=20,
             properties=props,
             timeout=10,
@@ -637,9 +669,10 @@ class Agent:
             self._notifier.status(self._status_line())
             self.metrics.outbox.set(self._outbox_depth)
 
-    async def _publish_status(self, client: aiomqtt.Client, *, online: bool) -> None:
+    def status_message(self, *, online: bool) -> VehicleStatus:
+        """What the retained status topic says about this vehicle."""
         decision = self.gate.last
-        status = VehicleStatus(
+        return VehicleStatus(
             vehicle_id=self.vehicle_id,
             online=online,
             gate_open=bool(decision and decision.open) and online,
@@ -648,6 +681,9 @@ class Agent:
             at=self._clock(),
             policy_version=self._trust.policy.version if self._trust.policy else None,
         )
+
+    async def _publish_status(self, client: aiomqtt.Client, *, online: bool) -> None:
+        status = self.status_message(online=online)
         await client.publish(
             topic(self.vehicle_id, Channel.STATUS), dump_model(status), qos=1, retain=True
         )

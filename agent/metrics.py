@@ -44,6 +44,11 @@ class AgentMetrics:
         self.policy_version = Gauge(
             "edge_agent_trust_policy_version", "Version of the trust policy held", registry=r
         )
+        self.inbound_dropped = Counter(
+            "edge_agent_inbound_dropped",
+            "MQTT messages dropped because the inbound queue was full (a flood)",
+            registry=r,
+        )
         self.duty = Gauge("edge_agent_duty", "Power governor duty cycle", registry=r)
         for reason in GateReason:
             self.gate_reason.labels(reason=reason.value).set(0)

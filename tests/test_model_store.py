@@ -3,6 +3,7 @@ models with external data or operator domains outside the allowlist never reach 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import shutil
 import subprocess
@@ -107,7 +108,7 @@ def test_domain_outside_the_allowlist_is_refused(nested):
     """A custom operator domain is refused, also when it hides in a subgraph; the operator can
     allow it by name."""
     data = _add_model("com.evil", nested=nested).SerializeToString()
-    with pytest.raises(ModelCheckError, match="com.evil"):
+    with pytest.raises(ModelCheckError, match=r"com\.evil"):
         check_model(data)
     assert "com.evil" in check_model(data, frozenset({"", "com.evil"})).domains
 
@@ -126,10 +127,8 @@ def test_malformed_files_are_typed_errors(data):
 @given(st.binary(max_size=512))
 def test_random_bytes_give_only_model_check_errors(data):
     """Whatever the bytes, the walker answers with facts or a ModelCheckError, nothing else."""
-    try:
+    with contextlib.suppress(ModelCheckError):
         check_model(data)
-    except ModelCheckError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
@@ -140,10 +139,8 @@ def test_mutated_real_models_give_only_model_check_errors(data):
         i = data.draw(st.integers(0, len(raw) - 1))
         raw[i] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(1, len(raw)))
-    try:
+    with contextlib.suppress(ModelCheckError):
         check_model(bytes(raw[:cut]))
-    except ModelCheckError:
-        pass
 
 
 def test_install_stages_verifies_and_moves_into_place(store, tmp_path):
@@ -181,7 +178,7 @@ def test_install_refuses_hostile_models_and_leaves_nothing(store, tmp_path):
 def test_install_refuses_a_file_over_the_size_limit(tmp_path):
     store = ModelStore.open(MODELS, installed=tmp_path / "models", max_bytes=200_000)
     source = MODELS / "burn.onnx"  # 263 KB
-    with pytest.raises(ModelStoreError, match="larger than models.max_bytes"):
+    with pytest.raises(ModelStoreError, match=r"larger than models\.max_bytes"):
         store.install(source, name="big", sha256=_sha(source.read_bytes()))
     assert _left_in_store(store) == []
 

@@ -1,4 +1,6 @@
-"""The agent refuses bad jobs with a rejected event naming the reason, runs nothing, and keeps serving."""
+"""THREATS.md 1-7 and 11, each against the real agent and broker over mutual TLS: a bad job gets
+one rejected event naming the reason and saying what was wrong, nothing runs, no result is
+published, and the daemon serves the next honest job."""
 
 from __future__ import annotations
 
@@ -6,25 +8,18 @@ import base64
 import json
 import time
 
+import numpy as np
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.messages import ModelRef
-from tests.support import (
-    DIGITS_REF,
-    FleetKeys,
-    job_spec,
-    observing,
-    running_agent,
-    signed,
-    wait_for,
-    write_vehicle,
-)
+from agent.wire.tensors import Tensor
+from tests.adversarial.conftest import VID, Rig
+from tests.support import DIGITS_REF, FleetKeys, job_spec, running_agent, signed, wait_for
 
 pytestmark = pytest.mark.broker
-VID = "veh-refuse"
 
 
 def _unsigned_bare_json(fleet: FleetKeys) -> bytes:
@@ -103,6 +98,51 @@ def _wrong_input_shape(fleet: FleetKeys) -> bytes:
     return signed(job_spec(fleet, VID, x=np.zeros((1, 63), np.float32)), fleet.job_key)
 
 
+def _input_over_the_size_limit(fleet: FleetKeys) -> bytes:
+    """64 rows of 64 float32: 16 KiB of input, over the 8 KiB the test vehicle allows."""
+    return signed(job_spec(fleet, VID, x=np.zeros((64, 64), np.float32)), fleet.job_key)
+
+
+def _wrong_input_dtype(fleet: FleetKeys) -> bytes:
+    inputs = {"X": Tensor.from_numpy(np.zeros((1, 64), np.float64))}
+    return signed(job_spec(fleet, VID, inputs=inputs), fleet.job_key)
+
+
+def _missing_field(fleet: FleetKeys) -> bytes:
+    payload = json.loads(dump_model(job_spec(fleet, VID)))
+    del payload["expires_at"]
+    return envelope.sign(envelope.JOB_TYPE, json.dumps(payload).encode(), fleet.job_key)
+
+
+def _wrong_type(fleet: FleetKeys) -> bytes:
+    payload = json.loads(dump_model(job_spec(fleet, VID)))
+    payload["attempt"] = "1"
+    return envelope.sign(envelope.JOB_TYPE, json.dumps(payload).encode(), fleet.job_key)
+
+
+def _absurd_lifetime(fleet: FleetKeys) -> bytes:
+    payload = json.loads(dump_model(job_spec(fleet, VID)))
+    payload["expires_at"] = payload["issued_at"] + 10 * 365 * 86400.0
+    return envelope.sign(envelope.JOB_TYPE, json.dumps(payload).encode(), fleet.job_key)
+
+
+def _deeply_nested_payload(fleet: FleetKeys) -> bytes:
+    return envelope.sign(envelope.JOB_TYPE, b"[" * 50_000 + b"]" * 50_000, fleet.job_key)
+
+
+def _policy_offered_as_job(fleet: FleetKeys) -> bytes:
+    return fleet.policy()
+
+
+def _signature_over_other_payload_type(fleet: FleetKeys) -> bytes:
+    """A result-type signature with the payloadType relabelled as a job: the PAE covers the type."""
+    env = json.loads(
+        envelope.sign(envelope.RESULT_TYPE, dump_model(job_spec(fleet, VID)), fleet.job_key)
+    )
+    env["payloadType"] = envelope.JOB_TYPE
+    return json.dumps(env).encode()
+
+
 def _not_json(fleet: FleetKeys) -> bytes:
     return b"\xff\xfe not even text"
 
@@ -128,16 +168,23 @@ CASES = [
     (_wrong_input_shape, "bad_inputs"),
     (_not_json, "malformed_envelope"),
     (_oversized, "oversized"),
+    (_input_over_the_size_limit, "bad_inputs"),
+    (_wrong_input_dtype, "bad_inputs"),
+    (_missing_field, "malformed_payload"),
+    (_wrong_type, "malformed_payload"),
+    (_absurd_lifetime, "malformed_payload"),
+    (_deeply_nested_payload, "malformed_payload"),
+    (_policy_offered_as_job, "wrong_payload_type"),
+    (_signature_over_other_payload_type, "bad_signature"),
 ]
 
 
 @pytest.mark.parametrize(("make", "reason"), CASES, ids=[c[0].__name__.strip("_") for c in CASES])
-async def test_bad_job_is_rejected_and_agent_keeps_serving(
-    mosquitto, fleet, tmp_path, make, reason
-):
+async def test_bad_job_is_rejected_and_agent_keeps_serving(rig: Rig, make, reason):
     """Each bad job yields one rejected event with its reason, no run, and the next honest job runs."""
-    files = write_vehicle(tmp_path, VID, port=mosquitto.port, fleet=fleet)
-    async with observing(mosquitto.port, VID) as obs, running_agent(files) as agent:
+    fleet = rig.fleet
+    files = rig.vehicle(extra="max_input_bytes = 8192")
+    async with rig.serving(files) as (obs, agent):
         await obs.send_job(make(fleet))
         await wait_for(lambda: any(e["kind"] == "rejected" for e in obs.events), what="rejected")
         rejected = [e for e in obs.events if e["kind"] == "rejected"]
@@ -146,47 +193,26 @@ async def test_bad_job_is_rejected_and_agent_keeps_serving(
         assert agent.counts["running"] == 0
         assert obs.results == []
 
-        honest = signed(job_spec(fleet, VID, job_id="job-honest"), fleet.job_key)
-        await obs.send_job(honest)
-        await wait_for(lambda: "succeeded" in obs.kinds("job-honest"), what="honest job done")
-        assert len(obs.results) == 1
-        assert agent.counts["running"] == 1
+        await rig.still_serves(obs, agent)
 
 
-async def test_replayed_job_runs_once(mosquitto, fleet, tmp_path):
-    """The same signed job delivered twice runs once; the second copy is rejected as replayed."""
-    files = write_vehicle(tmp_path, VID, port=mosquitto.port, fleet=fleet)
+async def test_replayed_job_runs_once_before_and_after_a_restart(rig: Rig):
+    """The same signed job delivered again runs once: refused as replayed by the running agent
+    and, from the persisted replay record, by the agent after a restart."""
+    fleet = rig.fleet
+    files = rig.vehicle()
     raw = signed(job_spec(fleet, VID), fleet.job_key)
-    async with observing(mosquitto.port, VID) as obs, running_agent(files) as agent:
-        await obs.send_job(raw)
-        await wait_for(lambda: "succeeded" in obs.kinds(), what="first run")
-        await obs.send_job(raw)
-        await wait_for(lambda: "rejected" in obs.kinds(), what="replay rejected")
-        assert [e["reason"] for e in obs.events if e["kind"] == "rejected"] == ["replayed"]
-        assert agent.counts["running"] == 1
-        assert len(obs.results) == 1
-
-
-@pytest.mark.parametrize("scenario", ["driving", "hot-parked"])
-async def test_ineligible_vehicle_runs_a_pushed_job_never(mosquitto, fleet, tmp_path, scenario):
-    """A driving or hot vehicle that is sent a valid job anyway hands it back and runs nothing."""
-    files = write_vehicle(tmp_path, VID, port=mosquitto.port, fleet=fleet, scenario=scenario)
-    async with observing(mosquitto.port, VID) as obs, running_agent(files) as agent:
-        await obs.send_job(signed(job_spec(fleet, VID), fleet.job_key))
-        await wait_for(lambda: "released" in obs.kinds(), what="job handed back")
-        assert [e["reason"] for e in obs.events if e["kind"] == "released"] == ["gate_closed"]
-        assert agent.counts["running"] == 0
-        assert obs.results == []
-        assert obs.work == [], "an ineligible vehicle never asks for work"
-
-
-async def test_owner_not_opted_in_runs_nothing(mosquitto, fleet, tmp_path):
-    """Without the owner's opt-in the gate stays closed, whatever the car's state."""
-    files = write_vehicle(tmp_path, VID, port=mosquitto.port, fleet=fleet, opted_in=False)
-    async with observing(mosquitto.port, VID) as obs, running_agent(files) as agent:
-        await obs.send_job(signed(job_spec(fleet, VID), fleet.job_key))
-        await wait_for(lambda: "released" in obs.kinds(), what="job handed back")
-        assert agent.gate.last is not None
-        assert "not_opted_in" in [r.value for r in agent.gate.last.reasons]
-        assert agent.counts["running"] == 0
-        assert obs.work == []
+    async with rig.observe() as obs:
+        async with running_agent(files) as agent:
+            await obs.send_job(raw)
+            await wait_for(lambda: "succeeded" in obs.kinds(), what="first run")
+            await obs.send_job(raw)
+            await wait_for(lambda: "rejected" in obs.kinds(), what="replay rejected")
+            assert agent.counts["running"] == 1
+        async with running_agent(files) as agent:
+            await obs.send_job(raw)
+            await wait_for(lambda: obs.kinds().count("rejected") == 2, what="replay after restart")
+            assert agent.counts["running"] == 0
+            await rig.still_serves(obs, agent)
+    assert [e["reason"] for e in obs.events if e["kind"] == "rejected"] == ["replayed", "replayed"]
+    assert len(obs.results) == 2, "the first run and the honest job"
