@@ -41,7 +41,7 @@ class _Section(BaseModel):
 
 
 class OwnerSection(_Section):
-    opted_in: bool = False
+    opted_in: bool = Field(default=False, strict=True)  # a TOML true/false, never "yes"
     consent_version: str = ""
     consent_date: dt.date | None = None
     timezone: str = "UTC"
@@ -293,6 +293,8 @@ def _describe(err: Any, data: dict[str, Any]) -> str:
     if err["type"] == "missing":
         return f"`{loc}`: required key is missing"
     value = err.get("input")
+    if err["type"] in ("bool_type", "bool_parsing"):
+        return f"`{loc}` = {value!r}: must be true or false (a TOML boolean, without quotes)"
     msg = str(err["msg"]).removeprefix("Value error, ")
     if isinstance(value, dict):
         return f"`{loc or '(file)'}`: {msg}"

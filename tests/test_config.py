@@ -92,7 +92,7 @@ BAD_CASES = [
     ),
     pytest.param(
         ("opted_in = true", "opted_in = 'yes please'"),
-        "`owner.opted_in` = 'yes please': Input should be a valid boolean, unable to interpret input",
+        "`owner.opted_in` = 'yes please': must be true or false (a TOML boolean, without quotes)",
         id="not-a-bool",
     ),
     pytest.param(

@@ -1,0 +1,153 @@
+"""Fuzzing the way in: the job intake chain the agent runs on every message (envelope, strict
+schema, trust policy, admission), the trust policy parser and the result bundle decoder, with
+thousands of generated inputs. Whatever arrives, the answer is a WireError with a reason and a
+detail; never another exception, and never an accepted job that was not the honest one."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from agent.core.admission import AdmissionContext, admit
+from agent.inference.store import ModelStore
+from agent.trust import Trust
+from agent.wire import envelope
+from agent.wire.bundle import decode_result_body, verify_result
+from agent.wire.codec import dump_model, parse_model
+from agent.wire.errors import Reason, WireError
+from agent.wire.keys import KeyRing
+from agent.wire.messages import JobSpec
+from agent.wire.policy import accept_policy, load_root_policy
+from tests.support import MODELS, FleetKeys, job_spec
+
+FLEET = FleetKeys()
+VID = "veh-fuzz"
+NOW = time.time()
+TRUST, _ = Trust.from_policy(FLEET.policy(), None, NOW)
+HELD = ModelStore.open(MODELS).held
+HONEST = json.loads(dump_model(job_spec(FLEET, VID, issued_at=NOW)))
+SETTINGS = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def intake(raw: bytes) -> JobSpec:
+    """What the agent does with a job message before anything runs (daemon.handle_job_message)."""
+    verified = envelope.verify(
+        raw, payload_type=envelope.JOB_TYPE, trusted=TRUST.ring, max_bytes=1 << 20
+    )
+    job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
+    TRUST.authorize(job, verified.keyid, NOW)
+    admit(
+        job,
+        verified.keyid,
+        AdmissionContext(
+            vehicle_id=VID,
+            now=NOW,
+            max_clock_skew_s=60.0,
+            max_input_bytes=1 << 20,
+            seen={},
+            models=HELD,
+            accepted_issuers=frozenset(),
+            accepted_classes=frozenset(),
+        ),
+    )
+    return job
+
+
+def _refused(raw: bytes) -> WireError | None:
+    try:
+        intake(raw)
+    except WireError as err:
+        error = err
+    else:
+        return None
+    assert error.detail, "every refusal says what was wrong"
+    return error
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def test_the_honest_job_passes_the_intake():
+    """The baseline the fuzzers mutate is itself accepted (so a refusal below means something)."""
+    assert intake(envelope.sign(envelope.JOB_TYPE, json.dumps(HONEST).encode(), FLEET.job_key))
+
+
+@SETTINGS
+@given(st.binary(max_size=4096))
+def test_random_bytes_are_refused_with_a_typed_error(raw):
+    assert _refused(raw) is not None
+
+
+@SETTINGS
+@given(
+    st.sampled_from(sorted(HONEST)),
+    st.sampled_from(["drop", "replace", "add"]),
+    json_values,
+)
+def test_signed_mutations_of_a_real_job_are_refused_or_identical(field, action, value):
+    """Validly signed payloads with one field dropped, replaced by any JSON value, or an extra
+    field added: refused with a typed error, unless the mutation left an equivalent job."""
+    body: dict[str, Any] = dict(HONEST)
+    if action == "drop":
+        del body[field]
+    elif action == "replace":
+        body[field] = value
+    else:
+        body[f"x_{field}"] = value
+    raw = envelope.sign(envelope.JOB_TYPE, json.dumps(body).encode(), FLEET.job_key)
+    err = _refused(raw)
+    if err is None:
+        assert body == HONEST or json.loads(dump_model(intake(raw))) == HONEST
+
+
+@SETTINGS
+@given(json_values)
+def test_any_signed_json_payload_is_refused(payload):
+    raw = envelope.sign(envelope.JOB_TYPE, json.dumps(payload).encode(), FLEET.job_key)
+    assert _refused(raw) is not None
+
+
+@SETTINGS
+@given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
+def test_any_byte_change_of_a_signed_job_is_refused(position, xor):
+    """Change any one byte of a signed honest job: refused, or (JSON whitespace, base64 padding)
+    it decodes to the same signed job."""
+    raw = bytearray(envelope.sign(envelope.JOB_TYPE, json.dumps(HONEST).encode(), FLEET.job_key))
+    raw[position % len(raw)] ^= xor
+    if _refused(bytes(raw)) is None:
+        assert json.loads(dump_model(intake(bytes(raw)))) == HONEST
+
+
+@SETTINGS
+@given(st.binary(max_size=2048) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_policy_parser_refuses_garbage_with_a_typed_error(raw):
+    held = load_root_policy(FLEET.policy())
+    with pytest.raises(WireError):
+        accept_policy(raw, held, NOW)
+    with pytest.raises(WireError):
+        load_root_policy(raw)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=1024))
+def test_result_bundle_decoders_refuse_garbage_with_a_typed_error(raw):
+    for data in (raw, b"EFB1" + raw):
+        with pytest.raises(WireError):
+            decode_result_body(data)
+        with pytest.raises(WireError):
+            verify_result(data, trusted=KeyRing.of(FLEET.job_key.public_key()), max_bytes=1 << 20)
