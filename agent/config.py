@@ -250,6 +250,16 @@ class AgentConfig(BaseSettings):
     state: StateSection = StateSection()
     agent: AgentSection = AgentSection()
 
+    @model_validator(mode="after")
+    def _shipped_models_apart_from_installed(self) -> AgentConfig:
+        if self.models.dir == self.state.dir / "models":
+            raise ValueError(
+                f"models.dir {self.models.dir} is where installed models live "
+                "(<state.dir>/models): point it at the shipped, read-only models instead "
+                "(e.g. /usr/share/edge-agent/models)"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -167,3 +169,54 @@ def test_policy_parser_gives_only_typed_errors(raw):
     """Arbitrary bytes offered as a policy give WireError, never another exception."""
     with pytest.raises(WireError):
         accept_policy(raw, V1, NOW)
+
+
+def _fleet_cli(*args: str, cwd) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "broker.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.broker
+async def test_policy_cli_signs_offline_and_publishes_retained(tmp_path, mosquitto):
+    """`edge-fleet policy sign` writes a policy a vehicle would install; a threshold above the
+    roots is refused (exit 2, nothing written); `policy publish` puts it on the retained topic."""
+    import asyncio
+
+    import aiomqtt
+
+    from agent.wire.policy import load_root_policy
+    from agent.wire.topics import POLICY_TOPIC
+
+    for args in (
+        ["--root-key", "root.key"],
+        ["--job-key", "job.key", "--trusted-out", "t.json"],
+        ["--requester-key", "req.key"],
+    ):
+        assert _fleet_cli("keygen", *args, cwd=tmp_path).returncode == 0
+    common = ["policy", "sign", "--root-key", "root.key", "--job-key", "job.key"]
+    bad = _fleet_cli(
+        *common, "--version", "1", "--threshold", "2", "--out", "bad.json", cwd=tmp_path
+    )
+    assert bad.returncode == 2 and "root_threshold" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
+    good = _fleet_cli(
+        *common, "--requester-key", "req.key", "--version", "3", "--out", "p.json", cwd=tmp_path
+    )
+    assert good.returncode == 0, good.stderr
+    raw = (tmp_path / "p.json").read_bytes()
+    assert load_root_policy(raw).version == 3
+    published = _fleet_cli(
+        "policy", "publish", "--policy", "p.json", "--port", str(mosquitto.port), cwd=tmp_path
+    )
+    assert published.returncode == 0, published.stderr
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.subscribe(POLICY_TOPIC, qos=1)
+        message = await asyncio.wait_for(anext(aiter(client.messages)), timeout=5)
+        assert message.payload == raw
+        await client.publish(POLICY_TOPIC, b"", qos=1, retain=True)  # clear it for other tests
