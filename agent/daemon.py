@@ -107,6 +107,10 @@ class AcceptedJob:
     digest: str  # sha256 of what the fleet signed; binds the sealed result
 
 
+def _request_key(job: JobSpec) -> str:
+    return f"{job.job_id}#{job.attempt}"
+
+
 def _counting_queue(
     on_drop: Callable[[aiomqtt.Message], None],
 ) -> type[asyncio.Queue[aiomqtt.Message]]:
@@ -398,8 +402,9 @@ class Agent:
         self._wake_requester.set()
 
     def _preempt(self, reason: str) -> None:
+        if self._current is not None or self._engine.has_work:
+            self._engine.kill()  # compute stops here (also a staged job), before anything else
         if self._current is not None:
-            self._engine.kill()  # compute stops here, before anything else happens
             self._preempt_reason = reason
             self._current[1].cancel()
 
@@ -830,6 +835,7 @@ class Agent:
             self._queue.put_nowait(AcceptedJob(job, model, verified.digest))
             self._held[(job.job_id, job.attempt)] = job
             await self._event(job, EventKind.ACCEPTED)
+            await self._stage_next()
         self._wake_requester.set()
 
     # ---- running ----------------------------------------------------------
@@ -846,6 +852,8 @@ class Agent:
 
     async def _execute_one(self, item: AcceptedJob) -> None:
         if not self.gate.is_open or self._stopping:
+            if self._engine.has_work:
+                self._engine.kill()  # this job may have been staged: it must not compute
             reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
             await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
@@ -893,6 +901,7 @@ class Agent:
                 self._store.path_of(item.model),
                 job.inputs,
                 deadline_s=job.limits.max_runtime_s,
+                key=_request_key(job),
             )
         )
         try:
@@ -900,6 +909,7 @@ class Agent:
                 self._jobs.mark, job.job_id, job.attempt, "running", self._clock()
             )
             await self._event_soon(job, EventKind.RUNNING)
+            await self._stage_next()
             await asyncio.wait({compute})
         except BaseException:  # cancelled: preempted, or the agent is stopping
             compute.cancel()
@@ -923,6 +933,16 @@ class Agent:
         energy_wh = self._book_energy(item)
         # Compute is done: sealing and publishing overlap with the next job's compute.
         await self._deliveries.put(_Finished(item, outputs, runtime_ms, energy_wh))
+
+    async def _stage_next(self) -> None:
+        """Hand the worker the next queued job behind the running one, so it starts the moment
+        the worker is free (engine.stage); only while the gate is open."""
+        if self._current is None or not self.gate.is_open or self._stopping or self._queue.empty():
+            return
+        nxt: AcceptedJob = self._queue._queue[0]  # type: ignore[attr-defined] # peek, not take
+        await self._engine.stage(
+            _request_key(nxt.job), nxt.model, self._store.path_of(nxt.model), nxt.job.inputs
+        )
 
     async def _deliver_results(self) -> None:
         """Seal, sign and publish finished jobs, in order, off the executor's path."""
@@ -950,7 +970,17 @@ class Agent:
     async def _send_outbox(self, client: aiomqtt.Client) -> None:
         """Publish the outbox in order; a row goes only once the broker acknowledged it."""
         while True:
+            damaged = self._jobs.damaged
             batch = await asyncio.to_thread(self._jobs.outbox_batch)
+            if self._jobs.damaged > damaged:
+                lost = self._jobs.damaged - damaged
+                self._outbox_depth = max(0, self._outbox_depth - lost)
+                self._log.error(
+                    "outbox_entries_damaged",
+                    dropped=lost,
+                    why="result file missing or cut short (power loss?); the fleet's lease "
+                    "expiry sends those jobs elsewhere",
+                )
             if not batch:
                 self._outbox_ready.clear()
                 await self._outbox_ready.wait()

@@ -177,28 +177,42 @@ async def agent_rate(
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
+    """Each trial measures bare session.run just before and just after the agent run and
+    compares the agent with their mean: this VM's speed drifts by 20 % within minutes, and a
+    baseline taken at another time would measure the drift, not the agent. The reported
+    trial is the median by ratio; all trials are kept."""
     models = model_dir(include_realistic=True)
     rows = {}
-    for name, file, jobs in (
-        ("digits", "digits.onnx", 300 if quick else 1000),
-        ("ppocr-rec", "ppocr_rec.onnx", 40 if quick else 200),
+    for name, file, jobs, trials in (
+        ("digits", "digits.onnx", 300 if quick else 1000, 1),
+        ("ppocr-rec", "ppocr_rec.onnx", 40 if quick else 200, 1 if quick else 3),
     ):
         feeds = _inputs(name)
-        bare_per_s, bare_ms = bare_rate(models / file, feeds, runs=jobs)
-        with tempfile.TemporaryDirectory() as tmp:
-            through = await agent_rate(models, name, feeds, jobs, Path(tmp))
-        ratio = through["jobs_per_s"] / bare_per_s
-        rows[name] = {
-            "bare_runs_per_s": round(bare_per_s, 2),
-            "bare_median_ms": round(bare_ms, 3),
-            "agent_jobs_per_s": round(through["jobs_per_s"], 2),
-            "ratio": round(ratio, 4),
-            "per_job_overhead_ms": round(1000 / through["jobs_per_s"] - 1000 / bare_per_s, 3),
-            "jobs": jobs,
-            "results_verified": through["results_verified"],
-            "message_bytes": through["message_bytes"],
-            "cpu_ms_per_job": through["cpu_ms_per_job"],
-        }
+        done = []
+        for _ in range(trials):
+            before, before_ms = bare_rate(models / file, feeds, runs=jobs)
+            with tempfile.TemporaryDirectory() as tmp:
+                through = await agent_rate(models, name, feeds, jobs, Path(tmp))
+            after, after_ms = bare_rate(models / file, feeds, runs=jobs)
+            bare_per_s = (before + after) / 2
+            done.append(
+                {
+                    "bare_runs_per_s": round(bare_per_s, 2),
+                    "bare_before_after_per_s": [round(before, 2), round(after, 2)],
+                    "bare_median_ms": round(median([before_ms, after_ms]), 3),
+                    "agent_jobs_per_s": round(through["jobs_per_s"], 2),
+                    "ratio": round(through["jobs_per_s"] / bare_per_s, 4),
+                    "per_job_overhead_ms": round(
+                        1000 / through["jobs_per_s"] - 1000 / bare_per_s, 3
+                    ),
+                    "jobs": jobs,
+                    "results_verified": through["results_verified"],
+                    "message_bytes": through["message_bytes"],
+                    "cpu_ms_per_job": through["cpu_ms_per_job"],
+                }
+            )
+        ranked = sorted(done, key=lambda t: t["ratio"])
+        rows[name] = {**ranked[len(ranked) // 2], "trial_ratios": [t["ratio"] for t in done]}
     return {"models": rows, "target": {"ppocr-rec ratio": ">= 0.95"}}
 
 
@@ -212,6 +226,8 @@ def main(quick: bool = False) -> dict[str, Any]:
     )
     for name, r in data["models"].items():
         c = r["cpu_ms_per_job"]
+        if len(r["trial_ratios"]) > 1:
+            print(f"  ({name}: ratios of {len(r['trial_ratios'])} trials {r['trial_ratios']})")
         print(
             f"{name:<11}{r['bare_runs_per_s']:>9.1f}{r['agent_jobs_per_s']:>9.1f}"
             f"{r['ratio']:>8.3f}{r['per_job_overhead_ms']:>12.3f}"

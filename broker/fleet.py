@@ -82,8 +82,19 @@ class FleetNode:
                     socket_options=NO_DELAY,
                     tls_context=self._tls,
                 ) as client:
-                    for channel in (Channel.WORK, Channel.EVENTS, Channel.STATUS, Channel.RESULTS):
-                        await client.subscribe(all_vehicles(channel), qos=1)
+                    # One SUBSCRIBE for all four: a result published the moment this connection
+                    # is back is not missed between separate subscriptions.
+                    await client.subscribe(
+                        [
+                            (all_vehicles(channel), 1)
+                            for channel in (
+                                Channel.RESULTS,
+                                Channel.EVENTS,
+                                Channel.STATUS,
+                                Channel.WORK,
+                            )
+                        ]
+                    )
                     self.ready.set()
                     delays = backoff_delays(base_s=0.2, cap_s=5.0)
                     async with asyncio.TaskGroup() as tg:

@@ -76,6 +76,53 @@ async def test_worker_runs_the_model_like_onnxruntime():
     assert engine.starts == 1
 
 
+async def test_a_staged_job_starts_when_the_worker_is_free_and_answers_to_its_key():
+    """While A computes, B is staged; B's reply is already computed when its run is called,
+    each run returns its own outputs, and one worker served both."""
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    b_in = {"X": Tensor.from_numpy(holdout()[0][3:9])}
+    digits, burn = MODELS / "digits.onnx", MODELS / "burn.onnx"
+    try:
+        await engine.run(BURN_MODEL, burn, burn_inputs(10), deadline_s=30, key="warm")
+        run_a = asyncio.ensure_future(
+            engine.run(BURN_MODEL, burn, burn_inputs(20_000), deadline_s=30, key="a")
+        )
+        await wait_for(lambda: len(engine._outstanding) == 1, what="A sent")
+        assert await engine.stage("b", DIGITS_MODEL, digits, b_in)
+        assert not await engine.stage("c", DIGITS_MODEL, digits, b_in), "one staged job at most"
+        out_a = await run_a
+        await asyncio.sleep(0.3)  # B computes now, before anyone asks for it
+        assert engine._proc is not None and engine._proc.stdout is not None
+        assert len(engine._proc.stdout._buffer) > 0, "B was answered before its run was asked"
+        out_b = await engine.run(DIGITS_MODEL, digits, b_in, deadline_s=30, key="b")
+    finally:
+        await engine.stop()
+    assert out_a["y"].shape == (256,) and out_b["label"].shape == (6,)
+    assert engine.starts == 1
+
+
+async def test_a_staged_job_that_is_not_run_is_discarded_with_its_worker():
+    """If the daemon runs something else than what it staged (the staged job was handed back),
+    the worker holding the staged compute is killed and a fresh one runs the new job."""
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    path = MODELS / "burn.onnx"
+    try:
+        await engine.run(BURN_MODEL, path, burn_inputs(10), deadline_s=30, key="warm")
+        run_a = asyncio.ensure_future(
+            engine.run(BURN_MODEL, path, burn_inputs(20_000), deadline_s=30, key="a")
+        )
+        await wait_for(lambda: len(engine._outstanding) == 1, what="A sent")
+        assert await engine.stage("b", BURN_MODEL, path, burn_inputs(300_000))
+        await run_a
+        staged_pid = engine.pid
+        out = await engine.run(BURN_MODEL, path, burn_inputs(10), deadline_s=30, key="c")
+        assert out["y"].shape == (256,)
+        assert engine.pid != staged_pid and engine.starts == 2
+        assert proc_state(staged_pid) == "gone"
+    finally:
+        await engine.stop()
+
+
 async def test_deadline_kills_the_worker_and_the_next_job_runs():
     """A job past max_runtime_s fails with deadline_exceeded; its worker is gone; the next job runs."""
     engine = WorkerEngine(threads=1, memory_mb=2048)
@@ -219,6 +266,27 @@ async def test_gate_close_preempts_the_real_worker_at_once(mosquitto, fleet, tmp
         await asyncio.sleep(0.3)
         assert obs.results == []
         assert agent.status()["current_job"] is None
+
+
+@pytest.mark.broker
+async def test_gate_close_also_stops_a_staged_job(mosquitto, fleet, tmp_path):
+    """Two long jobs: the second is staged in the worker behind the first. Leaving park kills
+    the worker (no compute for either), the first is preempted, the second handed back."""
+    files = write_vehicle(tmp_path, "veh-stage", port=mosquitto.port, fleet=fleet)
+    async with observing(mosquitto.port, "veh-stage") as obs, running_agent(files) as agent:
+        for job_id in ("job-1", "job-2"):
+            spec = burn_spec(fleet, "veh-stage", rows=500_000, job_id=job_id)
+            await obs.send_job(signed(spec, fleet.job_key))
+        await wait_for(lambda: len(agent._engine._outstanding) == 2, what="job-2 staged")
+        pid = agent._engine.pid
+        agent.set_vehicle({"gear": "D"})
+        assert proc_state(pid) in ("T", "Z", "gone")
+        await wait_for(lambda: "preempted" in obs.kinds("job-1"), what="job-1 preempted")
+        await wait_for(lambda: "released" in obs.kinds("job-2"), what="job-2 handed back")
+        assert "running" not in obs.kinds("job-2")
+        assert not agent._engine.has_work
+        await asyncio.sleep(0.3)
+        assert obs.results == []
 
 
 @pytest.mark.broker

@@ -9,6 +9,14 @@ onnxruntime. The worker can be:
     stops when SIGSTOP lands, not when onnxruntime next checks a flag.
 A worker that dies under a job (a crashing model, the memory limit, a kill)
 fails that job with a typed reason; the next job starts a fresh worker.
+
+Staging: while one job computes, the daemon may `stage` the next one: its frame
+is written to the worker's pipe at once, and the worker starts it the moment the
+current one is answered, without waiting for the daemon's event loop. Every
+request carries a key that the worker echoes; `run` for a staged key just waits
+for its reply. A staged job that is not run after all (the gate closed) is
+discarded by killing the worker: the daemon never leaves compute running that it
+did not start on purpose.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -49,6 +58,10 @@ class WorkerEngine:
         self._last_used = 0.0
         self.starts = 0
         self.busy = False
+        # Keys of requests written to the current worker and not yet answered, in order.
+        self._outstanding: deque[str] = deque()
+        # A job staged while the running one's worker was still starting.
+        self._pending: tuple[str, HeldModel, Path, Mapping[str, Tensor]] | None = None
 
     # ---- process control (synchronous: called from the gate's hot path) ----
 
@@ -66,6 +79,13 @@ class WorkerEngine:
             os.kill(pid, signal.SIGSTOP)
             os.kill(pid, signal.SIGKILL)
         self._paused_since = None
+        self._outstanding.clear()
+        self._pending = None
+
+    @property
+    def has_work(self) -> bool:
+        """A request is running or staged in the worker."""
+        return self.busy or bool(self._outstanding) or self._pending is not None
 
     def pause(self) -> None:
         pid = self.pid
@@ -146,6 +166,8 @@ class WorkerEngine:
         with contextlib.suppress(ProcessLookupError):
             await proc.wait()
         self._paused_since = None
+        self._outstanding.clear()
+        self._pending = None
 
     async def stop(self) -> None:
         """Stop the worker (idle or at shutdown)."""
@@ -155,7 +177,7 @@ class WorkerEngine:
         await self._reap()
 
     async def stop_if_idle(self, now: float) -> bool:
-        if self._proc is not None and not self.busy and now - self._last_used > self.idle_s:
+        if self._proc is not None and not self.has_work and now - self._last_used > self.idle_s:
             await self.stop()
             return True
         return False
@@ -176,13 +198,55 @@ class WorkerEngine:
             ) from None
         return header
 
+    def _write(
+        self,
+        proc: asyncio.subprocess.Process,
+        key: str,
+        model: HeldModel,
+        path: Path,
+        inputs: Mapping[str, Tensor],
+    ) -> None:
+        """Queue one request frame on the worker's stdin (synchronous: frames never interleave)."""
+        assert proc.stdin is not None
+        header = {
+            "op": "run",
+            "key": key,
+            "model": {"sha256": model.sha256, "size": model.size, "path": str(path)},
+            "inputs": [
+                {"name": n, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
+                for n, t in inputs.items()
+            ],
+        }
+        proc.stdin.writelines(frames.encode(header, [t.data for t in inputs.values()]))
+        self._outstanding.append(key)
+
+    async def stage(
+        self, key: str, model: HeldModel, path: Path, inputs: Mapping[str, Tensor]
+    ) -> bool:
+        """Write the next job's request now, behind the one running, if a worker is up and
+        nothing else is staged. True if staged."""
+        if not self.busy or self._pending is not None or len(self._outstanding) > 1:
+            return False
+        if key in self._outstanding:
+            return False  # staged already; the running job's reply was just read
+        proc = self._proc
+        if proc is None or proc.returncode is not None or not self._outstanding:
+            # The running job's worker is still starting: written right after its request.
+            self._pending = (key, model, path, inputs)
+            return True
+        self._write(proc, key, model, path, inputs)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            assert proc.stdin is not None
+            await proc.stdin.drain()  # the run that reads its reply sees a dead worker
+        return True
+
     async def _exchange(
-        self, proc: asyncio.subprocess.Process, header: dict[str, Any], buffers: list[bytes]
+        self, proc: asyncio.subprocess.Process, key: str
     ) -> tuple[dict[str, Any], list[bytes]]:
+        """Wait for the reply to `key` (already written)."""
         assert proc.stdin is not None
         assert proc.stdout is not None
         try:
-            proc.stdin.writelines(frames.encode(header, buffers))
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
             code = await proc.wait()
@@ -199,6 +263,9 @@ class WorkerEngine:
                 raise WireError(
                     Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
                 ) from None
+        if reply.get("key") != key or not self._outstanding or self._outstanding[0] != key:
+            raise WireError(Reason.RUNTIME_ERROR, f"the worker answered {reply.get('key')!r}")
+        self._outstanding.popleft()
         return reply, out
 
     def _active_s(self, started: float) -> float:
@@ -208,12 +275,21 @@ class WorkerEngine:
         return time.monotonic() - started - paused
 
     async def run(
-        self, model: HeldModel, path: Path, inputs: Mapping[str, Tensor], *, deadline_s: float
+        self,
+        model: HeldModel,
+        path: Path,
+        inputs: Mapping[str, Tensor],
+        *,
+        deadline_s: float,
+        key: str = "",
     ) -> dict[str, Tensor]:
+        """Run one request (or wait for the staged one with this key) and return its outputs."""
         async with self._lock:
             self.busy = True
             try:
-                return await self._run(model, path, inputs, deadline_s)
+                return await self._run(
+                    key or f"run-{time.monotonic_ns()}", model, path, inputs, deadline_s
+                )
             except BaseException:
                 # Cancelled (preempted), timed out or crashed: the pipe may be mid-frame.
                 self.kill()
@@ -224,23 +300,28 @@ class WorkerEngine:
                 self._last_used = time.monotonic()
 
     async def _run(
-        self, model: HeldModel, path: Path, inputs: Mapping[str, Tensor], deadline_s: float
+        self,
+        key: str,
+        model: HeldModel,
+        path: Path,
+        inputs: Mapping[str, Tensor],
+        deadline_s: float,
     ) -> dict[str, Tensor]:
+        if self._outstanding and self._outstanding[0] != key:
+            # Something staged was not run after all: its compute must not go on unasked.
+            self._log.info("staged_job_discarded", staged=self._outstanding[0], running=key)
+            self.kill()
+            await self._reap()
         proc = await self._ensure_started()
         self.resume()
-        header = {
-            "op": "run",
-            "model": {"sha256": model.sha256, "size": model.size, "path": str(path)},
-            "inputs": [
-                {"name": n, "dtype": t.dtype, "shape": list(t.shape), "nbytes": t.nbytes}
-                for n, t in inputs.items()
-            ],
-        }
+        if not self._outstanding:
+            self._write(proc, key, model, path, inputs)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending[0] != key:  # (staged as this very job: sent above)
+            self._write(proc, *pending)
         self._paused_total = 0.0
         started = time.monotonic()
-        exchange = asyncio.ensure_future(
-            self._exchange(proc, header, [t.data for t in inputs.values()])
-        )
+        exchange = asyncio.ensure_future(self._exchange(proc, key))
         try:
             while True:
                 remaining = deadline_s - self._active_s(started)

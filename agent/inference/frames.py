@@ -17,7 +17,9 @@ _LEN = struct.Struct("<I")
 MAX_HEADER = 1 << 20
 
 
-def encode(header: dict[str, Any], buffers: list[bytes]) -> list[bytes]:
+def encode(
+    header: dict[str, Any], buffers: list[bytes] | list[bytes | memoryview]
+) -> list[bytes | memoryview]:
     """The pieces of one frame, ready for writelines (no concatenation copy)."""
     head = json.dumps(header, separators=(",", ":")).encode()
     return [_LEN.pack(len(head)), head, *buffers]

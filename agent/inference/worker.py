@@ -12,6 +12,7 @@ the memory limit kills only this process; the daemon sees the pipe close.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import resource
@@ -41,7 +42,7 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
     return data
 
 
-def _reply(out: BinaryIO, header: dict[str, Any], buffers: list[bytes] | None = None) -> None:
+def _reply(out: BinaryIO, header: dict[str, Any], buffers: list[Any] | None = None) -> None:
     out.writelines(frames.encode(header, buffers or []))
     out.flush()
 
@@ -75,9 +76,7 @@ class Runtime:
         self._sessions[digest] = session
         return session
 
-    def run(
-        self, header: dict[str, Any], buffers: list[bytes]
-    ) -> tuple[dict[str, Any], list[bytes]]:
+    def run(self, header: dict[str, Any], buffers: list[bytes]) -> tuple[dict[str, Any], list[Any]]:
         import numpy as np
 
         session = self.session(header["model"])
@@ -94,7 +93,7 @@ class Runtime:
         specs, out = [], []
         for name, value in zip(names, values, strict=True):
             arr = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
-            data = arr.tobytes()
+            data = arr.data.cast("B")  # written as is: no copy into a bytes object
             specs.append(
                 {
                     "name": name,
@@ -114,7 +113,24 @@ class _RefusedError(Exception):
         self.detail = detail
 
 
+_F_SETPIPE_SZ = (
+    1031  # fcntl.F_SETPIPE_SZ (Linux; named in fcntl only from Python 3.10 on some builds)
+)
+PIPE_BYTES = 1 << 20  # the largest an unprivileged process may ask for (fs.pipe-max-size)
+
+
+def _widen_pipes(*streams: BinaryIO) -> None:
+    """Ask for 1 MiB pipe buffers, so that a large reply is written in one go while the
+    daemon is busy elsewhere, and the next request can wait in the pipe. Best effort."""
+    import fcntl
+
+    for stream in streams:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            fcntl.fcntl(stream.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+
+
 def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
+    _widen_pipes(inp, out)
     runtime = Runtime(threads)
     _reply(out, {"ok": True, "ready": True, "pid": os.getpid()})
     while True:
@@ -151,6 +167,7 @@ def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
                 {"ok": False, "reason": reason, "detail": f"onnxruntime: {text[:300]}"},
                 [],
             )
+        reply["key"] = header.get("key")
         _reply(out, reply, data)
 
 

@@ -12,13 +12,19 @@ One SQLite file (WAL) in the state directory, beside the energy ledger:
   outbox   sealed results, written before they are published and removed only once
            the broker has acknowledged them (QoS 1 PUBACK), sent in order on every
            (re)connection. A job's result enters the outbox in the same transaction
-           that closes its journal entry.
+           that closes its journal entry. Results over OUTBOX_INLINE_MAX bytes are kept
+           as files in `outbox/` beside the database (the row names the file and its
+           size): SQLite would write a 1 MB blob twice (WAL, then checkpoint) and churn
+           its pages again on delete, about 6 ms of CPU per result against 0.5 ms.
 Blocking calls; the daemon runs them in a thread.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
+import uuid
 from pathlib import Path
 
 from agent.state.ledger import open_state_db
@@ -40,15 +46,37 @@ CREATE TABLE IF NOT EXISTS policy (
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, payload BLOB NOT NULL,
-    job_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at REAL NOT NULL
+    job_id TEXT NOT NULL, attempt INTEGER NOT NULL, created_at REAL NOT NULL,
+    file TEXT, size INTEGER
 );
 """
+OUTBOX_INLINE_MAX = 64 * 1024
 
 
 class JobStore:
     def __init__(self, path: Path) -> None:
         self._db = open_state_db(path, _SCHEMA)
         self._lock = threading.Lock()
+        self._files = path.parent / "outbox"
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}
+        for column, kind in (("file", "TEXT"), ("size", "INTEGER")):
+            if column not in columns:  # a database from before results were kept as files
+                self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
+        self.damaged = 0  # outbox entries whose file was missing or cut short (power loss)
+        self._remove_orphan_files()
+
+    def _remove_orphan_files(self) -> None:
+        """Files no row names: a crash between deleting a row and its file, or mid-write."""
+        if not self._files.is_dir():
+            return
+        with self._lock:
+            named = {
+                r[0] for r in self._db.execute("SELECT file FROM outbox WHERE file IS NOT NULL")
+            }
+        for path in self._files.iterdir():
+            if path.name not in named:
+                with contextlib.suppress(OSError):
+                    path.unlink()
 
     # ---- replay record -----------------------------------------------------
 
@@ -136,11 +164,20 @@ class JobStore:
         self, job_id: str, attempt: int, topic: str, payload: bytes, now: float
     ) -> int:
         """Put a sealed result in the outbox and close the job's journal entry, atomically."""
+        file = None
+        if len(payload) > OUTBOX_INLINE_MAX:
+            self._files.mkdir(mode=0o700, exist_ok=True)
+            file = f"{uuid.uuid4().hex}.bin"
+            tmp = self._files / f"{file}.tmp"
+            with tmp.open("wb") as f:
+                f.write(payload)
+            os.replace(tmp, self._files / file)
         with self._lock, self._db:
             self._db.execute("BEGIN")
             cur = self._db.execute(
-                "INSERT INTO outbox (topic, payload, job_id, attempt, created_at) VALUES (?, ?, ?, ?, ?)",
-                (topic, payload, job_id, attempt, now),
+                "INSERT INTO outbox (topic, payload, job_id, attempt, created_at, file, size) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (topic, b"" if file else payload, job_id, attempt, now, file, len(payload)),
             )
             self._db.execute(
                 "DELETE FROM journal WHERE job_id = ? AND attempt = ?", (job_id, attempt)
@@ -148,17 +185,35 @@ class JobStore:
             return int(cur.lastrowid or 0)
 
     def outbox_batch(self, limit: int = 16) -> list[tuple[int, str, bytes, str, int]]:
-        """The oldest results waiting: (seq, topic, payload, job_id, attempt)."""
+        """The oldest results waiting: (seq, topic, payload, job_id, attempt). An entry whose
+        file is gone or cut short is dropped and counted in `damaged`."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT seq, topic, payload, job_id, attempt FROM outbox ORDER BY seq LIMIT ?",
+                "SELECT seq, topic, payload, job_id, attempt, file, size FROM outbox "
+                "ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
-        return [(int(s), str(t), bytes(p), str(j), int(a)) for s, t, p, j, a in rows]
+        batch = []
+        for seq, topic, payload, job_id, attempt, file, size in rows:
+            if file is not None:
+                try:
+                    payload = (self._files / file).read_bytes()
+                except OSError:
+                    payload = b""
+                if len(payload) != size:
+                    self.damaged += 1
+                    self.outbox_remove(int(seq))
+                    continue
+            batch.append((int(seq), str(topic), bytes(payload), str(job_id), int(attempt)))
+        return batch
 
     def outbox_remove(self, seq: int) -> None:
         with self._lock:
+            row = self._db.execute("SELECT file FROM outbox WHERE seq = ?", (seq,)).fetchone()
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        if row is not None and row[0] is not None:
+            with contextlib.suppress(FileNotFoundError):
+                (self._files / row[0]).unlink()
 
     def outbox_size(self) -> int:
         with self._lock:
