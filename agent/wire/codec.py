@@ -74,8 +74,10 @@ def _b64decode(value: object) -> bytes:
     if not isinstance(value, str):
         raise ValueError("expected a base64 string")  # noqa: TRY004 - pydantic reports ValueError
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
+        # strict_mode: only the alphabet, correct padding, nothing after it (like
+        # b64decode(validate=True), without its regex pass over the whole string).
+        return binascii.a2b_base64(value, strict_mode=True)
+    except (binascii.Error, ValueError):
         raise ValueError("invalid base64") from None
 
 
