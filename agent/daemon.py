@@ -201,6 +201,7 @@ class Agent:
         self._outstanding = 0  # jobs asked for and not yet arrived
         self._request_id = 0
         self._stopping = False
+        self._reopening: asyncio.Task[None] | None = None  # a reload's model-store refresh
         # What happened, for `status` and tests: counts by event kind and reason.
         self.counts: Counter[str] = Counter()
 
@@ -435,11 +436,13 @@ class Agent:
         """Run the worker for `duty` of every slot and pause it (SIGSTOP) for the rest."""
         slot = self.config.agent.duty_slot_s
         while True:
-            if self._current is None:
+            # Governed while the worker has anything to compute: the running job, or the next
+            # one staged behind it (it starts in the worker before the executor picks it up).
+            if not self._engine.has_work:
                 self._engine.resume()
                 await self._job_running.wait()
             duty = self.governor.duty
-            if self._current is None or duty >= 0.999:
+            if duty >= 0.999:
                 self._engine.resume()
                 await asyncio.sleep(slot)
             elif duty <= 0.001:
@@ -448,7 +451,7 @@ class Agent:
             else:
                 self._engine.resume()
                 await asyncio.sleep(duty * slot)
-                if self._current is not None:
+                if self._engine.has_work:
                     self._engine.pause()
                 await asyncio.sleep((1.0 - duty) * slot)
 
@@ -524,24 +527,40 @@ class Agent:
         self.config = self.config.model_copy(update={"owner": new.owner, "limits": new.limits})
         self.gate.update_policy(gate_policy(self.config))
         self._hours = self.config.owner.allowed_hours
-        self._reopen_models()
+        if self._store.manifests_stamp() != self._store.stamp:  # a model was installed
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._reopen_models(self._open_store())
+            else:  # hashing and inspecting every model must not stall the loop (or duty cycle)
+                self._reopening = loop.create_task(
+                    self._reopen_models_off_loop(), name="models-reload"
+                )
         self._log.info("config_reloaded", restart_needed_for=restart or None)
         self.observe(self._clock())
         self._status_dirty.set()
         return restart
 
-    def _reopen_models(self) -> None:
-        """Pick up models installed since the start (`edge-agent models add`), re-verified."""
+    def _open_store(self) -> ModelStore | ModelStoreError:
         old = self._store
         try:
-            store = ModelStore.open(
+            return ModelStore.open(
                 old.folder,
                 installed=old.installed,
                 allowed_domains=old.allowed_domains,
                 max_bytes=old.max_bytes,
             )
         except ModelStoreError as exc:
-            self._log.error("models_not_reloaded", error=str(exc), kept=sorted(old.held))
+            return exc
+
+    async def _reopen_models_off_loop(self) -> None:
+        self._reopen_models(await asyncio.to_thread(self._open_store))
+
+    def _reopen_models(self, store: ModelStore | ModelStoreError) -> None:
+        """Pick up models installed since the start (`edge-agent models add`), re-verified."""
+        old = self._store
+        if isinstance(store, ModelStoreError):
+            self._log.error("models_not_reloaded", error=str(store), kept=sorted(old.held))
             return
         self._store = store
         for problem in store.problems:

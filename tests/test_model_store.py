@@ -149,6 +149,7 @@ def test_install_stages_verifies_and_moves_into_place(store, tmp_path):
     held = store.install(source, name="burn-b", sha256=_sha(source.read_bytes()))
     assert held.inputs["x"].shape == (1, 256)
     assert _left_in_store(store) == [f"{held.sha256}.onnx", "installed.json"]
+    assert oct(store.path_of(held).stat().st_mode & 0o777) == "0o644"  # readable by the agent
     again = ModelStore.open(MODELS, installed=store.installed)
     assert again.held["burn-b"] == held
     assert again.problems == []
@@ -248,3 +249,33 @@ def test_models_cli_installs_and_refuses_with_exit_codes(tmp_path):
     assert good.returncode == ExitCode.OK, good.stderr
     listed = cli("list")
     assert "burn-b" in listed.stdout and "digits" in listed.stdout
+
+
+@pytest.mark.broker
+async def test_a_reload_picks_up_an_installed_model_and_only_then_rereads_the_store(
+    mosquitto, tmp_path
+):
+    """A reload with nothing installed keeps the store as it is (no re-hashing); after
+    `models add`, a reload holds the new model and a job for it runs."""
+    from agent.config import load_config
+    from agent.wire.messages import ModelRef
+    from tests.support import burn_spec, observing, running_agent, signed, wait_for
+
+    fleet = FleetKeys()
+    files = write_vehicle(tmp_path, "veh-models", port=mosquitto.port, fleet=fleet)
+    async with observing(mosquitto.port, "veh-models") as obs, running_agent(files) as agent:
+        before = agent._store
+        agent.reload(load_config(files.config_path))
+        assert agent._store is before
+        source = MODELS / "burn.onnx"
+        sha = _sha(source.read_bytes())
+        ModelStore.open(MODELS, installed=files.config_path.parent / "state" / "models").install(
+            source, name="burn-b", sha256=sha
+        )
+        agent.reload(load_config(files.config_path))
+        await wait_for(lambda: "burn-b" in agent._store.held, what="burn-b held")
+        ref = ModelRef(name="burn-b", sha256=sha, size=source.stat().st_size)
+        spec = burn_spec(fleet, "veh-models", rows=10)
+        spec = spec.model_copy(update={"model": ref})
+        await obs.send_job(signed(spec, fleet.job_key))
+        await wait_for(lambda: "succeeded" in obs.kinds(), what="job on the installed model")

@@ -79,6 +79,7 @@ class ModelStore:
         self.max_bytes = max_bytes
         self._models = models
         self.problems: list[str] = []
+        self.stamp: tuple[tuple[int, int] | None, ...] = ()
 
     @classmethod
     def open(
@@ -96,6 +97,7 @@ class ModelStore:
             allowed_domains=allowed_domains,
             max_bytes=max_bytes,
         )
+        store.stamp = store.manifests_stamp()
         store._load(folder / "manifest.json", required=True)
         if installed is not None:
             store._load(installed / INSTALLED, required=False)
@@ -138,6 +140,22 @@ class ModelStore:
                 continue
             self._models[entry.name] = (held, path)
 
+    def manifests_stamp(self) -> tuple[tuple[int, int] | None, ...]:
+        """(mtime_ns, size) of the manifests this store was read from: a reload reopens the
+        store (and re-hashes every model) only when one of them changed."""
+        paths = [self.folder / "manifest.json"]
+        if self.installed is not None:
+            paths.append(self.installed / INSTALLED)
+        stamps: list[tuple[int, int] | None] = []
+        for path in paths:
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append(None)
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size))
+        return tuple(stamps)
+
     @property
     def held(self) -> dict[str, HeldModel]:
         return {name: held for name, (held, _) in self._models.items()}
@@ -170,6 +188,8 @@ class ModelStore:
             except ModelCheckError as exc:
                 raise ModelStoreError(f"{source} refused: {exc}") from None
             final = self.installed / f"{sha256}.onnx"
+            # Not a secret, and `models add` may run as root for a service with a dynamic user.
+            part.chmod(0o644)
             os.replace(part, final)
         finally:
             with contextlib.suppress(FileNotFoundError):
