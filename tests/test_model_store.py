@@ -196,6 +196,22 @@ def test_install_refuses_bad_names_and_pins_and_taken_names(store):
             store.install(source, **kwargs)
 
 
+def test_an_unusable_store_folder_is_a_clear_error(tmp_path):
+    """A file where the installed area or its staging folder should be: a ModelStoreError naming
+    it, not a traceback."""
+    blocker = tmp_path / "models"
+    blocker.write_text("not a folder")
+    with pytest.raises(ModelStoreError, match="Not a directory"):
+        ModelStore.open(MODELS, installed=blocker)
+    blocker.unlink()
+    blocker.mkdir()
+    (blocker / STAGING).write_text("not a folder")
+    store = ModelStore.open(MODELS, installed=blocker)
+    source = MODELS / "burn.onnx"
+    with pytest.raises(ModelStoreError, match="cannot use"):
+        store.install(source, name="burn-b", sha256=_sha(source.read_bytes()))
+
+
 def test_a_file_swapped_after_install_is_left_out_at_the_next_open(store):
     """The store re-verifies every file when it opens: a swapped file is reported, not held."""
     source = MODELS / "burn.onnx"

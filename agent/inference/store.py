@@ -177,9 +177,14 @@ class ModelStore:
         if name in self._models:
             raise ModelStoreError(f"a model named {name!r} is already held")
         staging = self.installed / STAGING
-        staging.mkdir(mode=0o700, parents=True, exist_ok=True)
-        staging.chmod(0o700)
         part = staging / f"{sha256}.{os.getpid()}.part"
+        try:
+            staging.mkdir(mode=0o700, parents=True, exist_ok=True)
+            staging.chmod(0o700)
+        except OSError as exc:
+            raise ModelStoreError(
+                f"cannot use {staging}: {exc.strerror}; run as the agent's user (or root)"
+            ) from None
         try:
             size = _copy_hashed(source, part, self.max_bytes, sha256)
             data = part.read_bytes()
@@ -191,12 +196,20 @@ class ModelStore:
             # Not a secret, and `models add` may run as root for a service with a dynamic user.
             part.chmod(0o644)
             os.replace(part, final)
+        except OSError as exc:
+            raise ModelStoreError(f"installing {source} failed: {exc}; nothing kept") from None
         finally:
             with contextlib.suppress(FileNotFoundError):
                 part.unlink()
         held = HeldModel(name=name, sha256=sha256, size=size, inputs=facts.inputs)
         self._models[name] = (held, final)
-        self._write_installed()
+        try:
+            self._write_installed()
+        except OSError as exc:
+            del self._models[name]
+            with contextlib.suppress(OSError):
+                final.unlink()
+            raise ModelStoreError(f"cannot record {name} in {INSTALLED}: {exc}") from None
         return held
 
     def _write_installed(self) -> None:
