@@ -48,7 +48,7 @@ from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
 from agent.wire import envelope
-from agent.wire.bundle import encode_result_body, sign_result
+from agent.wire.bundle import encode_result_body, is_bundle, sign_result, verify_job_bundle
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import x25519_public
@@ -794,15 +794,16 @@ class Agent:
         self._outstanding = max(0, self._outstanding - 1)
         job: JobSpec | None = None
         try:
-            verified = envelope.verify(
-                raw,
-                payload_type=envelope.JOB_TYPE,
-                trusted=self._trust.ring,
-                max_bytes=self.config.agent.max_message_bytes,
-            )
-            job = parse_model(
-                verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
-            )
+            limit = self.config.agent.max_message_bytes
+            if is_bundle(raw):  # a job with large inputs: signed header, then raw tensors
+                verified, job = verify_job_bundle(raw, trusted=self._trust.ring, max_bytes=limit)
+            else:
+                verified = envelope.verify(
+                    raw, payload_type=envelope.JOB_TYPE, trusted=self._trust.ring, max_bytes=limit
+                )
+                job = parse_model(
+                    verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
+                )
             self._trust.authorize(job, verified.keyid, self.trusted_now())
             owner = self.config.owner
             ctx = AdmissionContext(

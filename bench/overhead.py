@@ -26,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.wire import envelope
+from agent.wire.bundle import sign_job_bundle
 from agent.wire.codec import dump_model
 from agent.wire.keys import key_id, load_signing_key, raw_public
 from agent.wire.messages import JobSpec, Limits, ModelRef
@@ -36,6 +37,7 @@ from bench.common import broker, median, model_dir, vehicle_config, write_result
 from broker.collector import Collector
 
 VID = "bench-car"
+BUNDLE_FROM_BYTES = 64 * 1024  # broker.fleet.FleetNode's default
 
 
 def _inputs(name: str) -> dict[str, np.ndarray]:
@@ -120,9 +122,14 @@ async def agent_rate(
                     limits=Limits(max_runtime_s=60),
                     requester_key=raw_public(requester.public_key()),
                 )
-                payload = dump_model(spec)
-                signed.append(envelope.sign(envelope.JOB_TYPE, payload, job_key))
-                digests[(spec.job_id, 1, VID)] = envelope.digest_of(envelope.JOB_TYPE, payload)
+                if sum(t.nbytes for t in spec.inputs.values()) >= BUNDLE_FROM_BYTES:
+                    raw, digest = sign_job_bundle(spec, job_key)  # as the fleet node sends it
+                else:
+                    payload = dump_model(spec)
+                    raw = envelope.sign(envelope.JOB_TYPE, payload, job_key)
+                    digest = envelope.digest_of(envelope.JOB_TYPE, payload)
+                signed.append(raw)
+                digests[(spec.job_id, 1, VID)] = digest
             results: list[bytes] = []
             times: dict[int, float] = {}
             sent = 0

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.core.backoff import backoff_delays
 from agent.logs import get_logger
 from agent.wire import envelope
+from agent.wire.bundle import sign_job_bundle
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import key_id
@@ -49,8 +50,10 @@ class FleetNode:
         lease_tick_s: float = 1.0,
         on_result: Callable[[Collected], None] | None = None,
         tls: ssl.SSLContext | None = None,
+        bundle_from_bytes: int = 64 * 1024,
     ) -> None:
         self._tls = tls
+        self._bundle_from_bytes = bundle_from_bytes  # jobs with this much input go as bundles
         self.host, self.port = host, port
         self.queue = queue
         self.collector = collector
@@ -179,6 +182,8 @@ class FleetNode:
             limits=t.limits,
             requester_key=t.requester_key,
         )
+        if sum(t.nbytes for t in spec.inputs.values()) >= self._bundle_from_bytes:
+            return sign_job_bundle(spec, self._key)  # raw tensors: no base64, no JSON pass
         payload = dump_model(spec)
         return (
             envelope.sign(envelope.JOB_TYPE, payload, self._key),

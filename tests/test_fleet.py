@@ -6,6 +6,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,15 +15,16 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.wire import envelope
 from agent.wire.bundle import encode_result_body, sign_result
+from agent.wire.codec import parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import raw_public
-from agent.wire.messages import SUITE, Limits, ResultBody, SealedResult
+from agent.wire.messages import SUITE, JobSpec, Limits, ResultBody, SealedResult
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.queue import JobQueue, JobTemplate
-from tests.support import DIGITS_REF, holdout, running_agent, wait_for, write_vehicle
+from tests.support import DIGITS_REF, FleetKeys, holdout, running_agent, wait_for, write_vehicle
 
 
 def template(requester: X25519PrivateKey, row: int = 0) -> JobTemplate:
@@ -243,3 +245,43 @@ async def test_dispatch_to_three_vehicles_only_the_eligible_one_runs(mosquitto, 
     assert node.work_requests["drive-car"] == 0 and node.work_requests["hot-car"] == 0
     assert q.assignments_by_vehicle() == {"ok-car": 40}
     q.close()
+
+
+def test_the_dispatcher_sends_large_inputs_as_a_bundle(tmp_path):
+    """Jobs with at least 64 KiB of input are signed as bundles (raw tensors), small ones as
+    JSON envelopes; both verify to the job the fleet meant, bound to the digest it records."""
+    from agent.wire.bundle import is_bundle, verify_job_bundle
+    from agent.wire.keys import KeyRing
+    from broker.queue import Lease
+
+    fleet = FleetKeys()
+    node = FleetNode(
+        host="127.0.0.1",
+        port=1,
+        queue=JobQueue(tmp_path / "q.db"),
+        signing_key=fleet.job_key,
+        collector=_Sent().collector(),
+    )
+    ring = KeyRing.of(fleet.job_key.public_key())
+    for rows, bundled in ((1, False), (300, True)):  # 256 B vs 76.8 KB of float32
+        template = JobTemplate(
+            job_class="digits-eval",
+            model=DIGITS_REF,
+            inputs={"X": Tensor.from_numpy(np.zeros((rows, 64), np.float32))},
+            limits=Limits(max_runtime_s=10),
+            requester_key=b"\x03" * 32,
+            lifetime_s=60,
+        )
+        raw, digest = node.sign_job(Lease("job-1", 1, template), "veh-1", time.time())
+        assert is_bundle(raw) is bundled
+        if bundled:
+            verified, job = verify_job_bundle(raw, trusted=ring, max_bytes=1 << 22)
+        else:
+            verified = envelope.verify(
+                raw, payload_type=envelope.JOB_TYPE, trusted=ring, max_bytes=1 << 22
+            )
+            job = parse_model(
+                verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
+            )
+        assert verified.digest == digest
+        assert job.inputs["X"].shape == (rows, 64)

@@ -9,10 +9,13 @@ plaintext body and the sealed payload carry raw bytes, and only the DSSE
 envelope's own base64 remains (1.33x). The header lists every buffer's length;
 the buffers must fill the rest of the bundle exactly.
 
-Two bundles are defined here: the ResultBody (plaintext, sealed with HPKE),
-and the result message itself, whose header is the signed envelope (over a
-small header that commits to the ciphertext by sha256) and whose buffer is
-the ciphertext.
+Three bundles are defined here: the ResultBody (plaintext, sealed with HPKE);
+the result message, whose header is the signed envelope (over a small header
+that commits to the ciphertext by sha256) and whose buffer is the ciphertext;
+and the job bundle, the same shape for a job with large inputs: a signed
+envelope over the job's fields, its inputs' names, dtypes, shapes and sizes and
+the sha256 of their bytes, followed by the raw input tensors. A 184 KB PP-OCR
+input travels as 184 KB instead of 330 KB of JSON with two base64 layers.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from agent.wire.messages import (
     MAX_INPUTS,
     SHA256_RE,
     VEHICLE_ID_RE,
+    JobFields,
+    JobSpec,
     ResultBody,
     SealedResult,
 )
@@ -190,3 +195,83 @@ def verify_result(raw: bytes, *, trusted: KeyRing, max_bytes: int) -> tuple[Seal
         ciphertext=ciphertext,
     )
     return sealed, verified.digest
+
+
+# ---- jobs -------------------------------------------------------------------
+
+JOB_BUNDLE_TYPE = "application/vnd.edge-fleet.job.v1+bundle"
+
+
+class _InputSpec(WireModel):
+    name: str = Field(min_length=1, max_length=128)
+    dtype: DType
+    shape: tuple[int, ...] = Field(max_length=MAX_RANK)
+    nbytes: int = Field(ge=0)
+
+
+class _JobHeader(JobFields):
+    inputs: tuple[_InputSpec, ...] = Field(min_length=1, max_length=MAX_INPUTS)
+    inputs_sha256: str = Field(pattern=SHA256_RE)
+
+
+def sign_job_bundle(spec: JobSpec, key: Ed25519PrivateKey) -> tuple[bytes, str]:
+    """The job as a bundle, and the digest the sealed result will be bound to."""
+    buffers = [t.data for t in spec.inputs.values()]
+    digest = hashlib.sha256()
+    for buf in buffers:
+        digest.update(buf)
+    header = _JobHeader(
+        **{name: getattr(spec, name) for name in JobFields.model_fields},
+        inputs=tuple(
+            _InputSpec(name=n, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes)
+            for n, t in spec.inputs.items()
+        ),
+        inputs_sha256=digest.hexdigest(),
+    )
+    payload = dump_model(header)
+    signed = envelope.sign(JOB_BUNDLE_TYPE, payload, key)
+    raw = b"".join([MAGIC, _LEN.pack(len(signed)), signed, *buffers])
+    return raw, envelope.digest_of(JOB_BUNDLE_TYPE, payload)
+
+
+def is_bundle(raw: bytes) -> bool:
+    return raw[:4] == MAGIC
+
+
+def verify_job_bundle(
+    raw: bytes, *, trusted: KeyRing, max_bytes: int
+) -> tuple[envelope.Verified, JobSpec]:
+    """Check a job bundle's signature, then that its input bytes are the ones signed.
+
+    Raises WireError: OVERSIZED, MALFORMED_PAYLOAD, the envelope's own reasons (the header is
+    verified before anything in it is believed), or BAD_SIGNATURE when the input bytes are not
+    the ones the signature commits to.
+    """
+    if len(raw) > max_bytes:
+        raise WireError(Reason.OVERSIZED, f"job of {len(raw)} bytes exceeds {max_bytes}")
+    head, rest = _split(raw, what="job bundle")
+    verified = envelope.verify(
+        bytes(head), payload_type=JOB_BUNDLE_TYPE, trusted=trusted, max_bytes=MAX_HEADER_BYTES
+    )
+    header = parse_model(verified.payload, _JobHeader, what="job", reason=Reason.MALFORMED_PAYLOAD)
+    if hashlib.sha256(rest).hexdigest() != header.inputs_sha256:
+        raise WireError(
+            Reason.BAD_SIGNATURE, "the input bytes do not match the digest that was signed"
+        )
+    buffers = _buffers(rest, [i.nbytes for i in header.inputs], what="job bundle")
+    names = [i.name for i in header.inputs]
+    if len(set(names)) != len(names):
+        raise WireError(Reason.MALFORMED_PAYLOAD, "job bundle names an input twice")
+    try:
+        job = JobSpec(
+            **{name: getattr(header, name) for name in JobFields.model_fields},
+            inputs={
+                i.name: Tensor(dtype=i.dtype, shape=i.shape, data=buf)
+                for i, buf in zip(header.inputs, buffers, strict=True)
+            },
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        raise WireError(Reason.MALFORMED_PAYLOAD, f"job field {where}: {first['msg']}") from None
+    return verified, job

@@ -40,8 +40,8 @@ class Limits(WireModel):
     max_runtime_s: float = Field(gt=0, le=3600, allow_inf_nan=False)
 
 
-class JobSpec(WireModel):
-    """One inference job, bound to one vehicle and signed by a fleet job-signing key."""
+class JobFields(WireModel):
+    """Everything a job says except its inputs (shared by JobSpec and the job bundle's header)."""
 
     job_id: str = Field(pattern=JOB_ID_RE)
     attempt: int = Field(ge=1, le=1000)
@@ -51,16 +51,25 @@ class JobSpec(WireModel):
     vehicle_id: str = Field(pattern=VEHICLE_ID_RE)
     job_class: str = Field(pattern=NAME_RE)
     model: ModelRef
-    inputs: dict[str, Tensor] = Field(min_length=1, max_length=MAX_INPUTS)
     limits: Limits
     requester_key: B64Bytes = Field(min_length=32, max_length=32)
 
     @model_validator(mode="after")
-    def _lifetime(self) -> JobSpec:
+    def _lifetime(self) -> JobFields:
         if self.expires_at <= self.issued_at:
             raise ValueError("expires_at must be after issued_at")
         if self.expires_at - self.issued_at > MAX_JOB_LIFETIME_S:
             raise ValueError(f"job lifetime exceeds {MAX_JOB_LIFETIME_S:.0f} s")
+        return self
+
+
+class JobSpec(JobFields):
+    """One inference job, bound to one vehicle and signed by a fleet job-signing key."""
+
+    inputs: dict[str, Tensor] = Field(min_length=1, max_length=MAX_INPUTS)
+
+    @model_validator(mode="after")
+    def _input_names(self) -> JobSpec:
         for name in self.inputs:
             if not 1 <= len(name) <= 128:
                 raise ValueError("input names must be 1-128 characters")

@@ -17,7 +17,14 @@ from agent.core.admission import AdmissionContext, admit
 from agent.inference.store import ModelStore
 from agent.trust import Trust
 from agent.wire import envelope
-from agent.wire.bundle import decode_result_body, verify_result
+from agent.wire.bundle import (
+    MAGIC,
+    decode_result_body,
+    is_bundle,
+    sign_job_bundle,
+    verify_job_bundle,
+    verify_result,
+)
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing
@@ -36,10 +43,13 @@ SETTINGS = settings(max_examples=2000, deadline=None, suppress_health_check=[Hea
 
 def intake(raw: bytes) -> JobSpec:
     """What the agent does with a job message before anything runs (daemon.handle_job_message)."""
-    verified = envelope.verify(
-        raw, payload_type=envelope.JOB_TYPE, trusted=TRUST.ring, max_bytes=1 << 20
-    )
-    job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
+    if is_bundle(raw):
+        verified, job = verify_job_bundle(raw, trusted=TRUST.ring, max_bytes=1 << 20)
+    else:
+        verified = envelope.verify(
+            raw, payload_type=envelope.JOB_TYPE, trusted=TRUST.ring, max_bytes=1 << 20
+        )
+        job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
     TRUST.authorize(job, verified.keyid, NOW)
     admit(
         job,
@@ -131,6 +141,30 @@ def test_any_byte_change_of_a_signed_job_is_refused(position, xor):
     """Change any one byte of a signed honest job: refused, or (JSON whitespace, base64 padding)
     it decodes to the same signed job."""
     raw = bytearray(envelope.sign(envelope.JOB_TYPE, json.dumps(HONEST).encode(), FLEET.job_key))
+    raw[position % len(raw)] ^= xor
+    if _refused(bytes(raw)) is None:
+        assert json.loads(dump_model(intake(bytes(raw)))) == HONEST
+
+
+HONEST_BUNDLE, _ = sign_job_bundle(job_spec(FLEET, VID, issued_at=NOW), FLEET.job_key)
+
+
+def test_the_honest_job_bundle_passes_the_intake():
+    assert json.loads(dump_model(intake(HONEST_BUNDLE))) == HONEST
+
+
+@SETTINGS
+@given(st.binary(max_size=4096))
+def test_random_bundles_are_refused_with_a_typed_error(rest):
+    assert _refused(MAGIC + rest) is not None
+
+
+@SETTINGS
+@given(st.integers(min_value=0), st.integers(min_value=1, max_value=255))
+def test_any_byte_change_of_a_signed_job_bundle_is_refused(position, xor):
+    """Change any one byte of a signed job bundle: refused, or (JSON whitespace, base64 padding
+    inside the signed header) it decodes to the same signed job."""
+    raw = bytearray(HONEST_BUNDLE)
     raw[position % len(raw)] ^= xor
     if _refused(bytes(raw)) is None:
         assert json.loads(dump_model(intake(bytes(raw)))) == HONEST

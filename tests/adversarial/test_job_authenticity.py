@@ -13,6 +13,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.wire import envelope
+from agent.wire.bundle import sign_job_bundle
 from agent.wire.codec import dump_model
 from agent.wire.messages import ModelRef
 from agent.wire.tensors import Tensor
@@ -143,6 +144,20 @@ def _signature_over_other_payload_type(fleet: FleetKeys) -> bytes:
     return json.dumps(env).encode()
 
 
+def _bundle_input_byte_flipped(fleet: FleetKeys) -> bytes:
+    raw = bytearray(sign_job_bundle(job_spec(fleet, VID), fleet.job_key)[0])
+    raw[-3] ^= 0x10
+    return bytes(raw)
+
+
+def _bundle_by_untrusted_key(fleet: FleetKeys) -> bytes:
+    return sign_job_bundle(job_spec(fleet, VID), Ed25519PrivateKey.generate())[0]
+
+
+def _bundle_for_other_vehicle(fleet: FleetKeys) -> bytes:
+    return sign_job_bundle(job_spec(fleet, "veh-someone-else"), fleet.job_key)[0]
+
+
 def _not_json(fleet: FleetKeys) -> bytes:
     return b"\xff\xfe not even text"
 
@@ -176,6 +191,9 @@ CASES = [
     (_deeply_nested_payload, "malformed_payload"),
     (_policy_offered_as_job, "wrong_payload_type"),
     (_signature_over_other_payload_type, "bad_signature"),
+    (_bundle_input_byte_flipped, "bad_signature"),
+    (_bundle_by_untrusted_key, "unknown_key"),
+    (_bundle_for_other_vehicle, "wrong_vehicle"),
 ]
 
 
@@ -216,3 +234,23 @@ async def test_replayed_job_runs_once_before_and_after_a_restart(rig: Rig):
             await rig.still_serves(obs, agent)
     assert [e["reason"] for e in obs.events if e["kind"] == "rejected"] == ["replayed", "replayed"]
     assert len(obs.results) == 2, "the first run and the honest job"
+
+
+async def test_a_job_bundle_runs_like_the_same_job_as_json(rig: Rig):
+    """The same job as a bundle (raw tensors after a signed header) runs, and its result is
+    bound to the bundle's digest."""
+    from agent.wire.bundle import verify_result
+    from agent.wire.keys import KeyRing
+
+    fleet = rig.fleet
+    files = rig.vehicle()
+    raw, digest = sign_job_bundle(job_spec(fleet, VID, job_id="job-bundle"), fleet.job_key)
+    async with rig.serving(files) as (obs, agent):
+        await obs.send_job(raw)
+        await wait_for(lambda: "succeeded" in obs.kinds("job-bundle"), what="bundle job done")
+        await wait_for(lambda: obs.results, what="its result")
+        sealed, _ = verify_result(
+            obs.results[0], trusted=KeyRing.of(files.key.public_key()), max_bytes=1 << 22
+        )
+        assert sealed.job_digest == digest
+        assert agent.counts["rejected"] == 0
