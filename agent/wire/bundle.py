@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
 from typing import Literal
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import Field, ValidationError
 
 from agent.wire import envelope
-from agent.wire.codec import WireModel, dump_model, parse_model
+from agent.wire.codec import WireModel, dump_model, parse_model, refusal
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing
 from agent.wire.messages import (
@@ -48,7 +49,9 @@ _LEN = struct.Struct("<I")
 MAX_HEADER_BYTES = 64 * 1024
 
 
-class _OutputSpec(WireModel):
+class _TensorSpec(WireModel):
+    """A buffer of a bundle: the tensor's name, dtype, shape and byte length."""
+
     name: str = Field(min_length=1, max_length=128)
     dtype: DType
     shape: tuple[int, ...] = Field(max_length=MAX_RANK)
@@ -63,7 +66,7 @@ class _BodyHeader(WireModel):
     runtime_ms: float = Field(ge=0, allow_inf_nan=False)
     finished_at: float = Field(ge=0, allow_inf_nan=False)
     energy_wh: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    outputs: tuple[_OutputSpec, ...] = Field(max_length=MAX_INPUTS)
+    outputs: tuple[_TensorSpec, ...] = Field(max_length=MAX_INPUTS)
 
 
 class _SealedHeader(WireModel):
@@ -103,11 +106,29 @@ def _buffers(rest: memoryview, sizes: list[int], *, what: str) -> list[bytes]:
     return out
 
 
-def encode_result_body(body: ResultBody) -> bytes:
-    specs = tuple(
-        _OutputSpec(name=name, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes)
-        for name, t in body.outputs.items()
+def _specs(tensors: Mapping[str, Tensor]) -> tuple[_TensorSpec, ...]:
+    return tuple(
+        _TensorSpec(name=name, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes)
+        for name, t in tensors.items()
     )
+
+
+def _tensors(specs: tuple[_TensorSpec, ...], rest: memoryview, *, what: str) -> dict[str, Tensor]:
+    """The tensors a bundle's buffers carry, as its header describes them; WireError otherwise."""
+    buffers = _buffers(rest, [s.nbytes for s in specs], what=what)
+    if len({s.name for s in specs}) != len(specs):
+        raise WireError(Reason.MALFORMED_PAYLOAD, f"{what} names a tensor twice")
+    try:
+        return {
+            s.name: Tensor(dtype=s.dtype, shape=s.shape, data=buf)
+            for s, buf in zip(specs, buffers, strict=True)
+        }
+    except ValidationError as exc:
+        raise refusal(exc, what=what, reason=Reason.MALFORMED_PAYLOAD) from None
+
+
+def encode_result_body(body: ResultBody) -> bytes:
+    specs = _specs(body.outputs)
     header = _BodyHeader(
         job_id=body.job_id,
         attempt=body.attempt,
@@ -124,15 +145,8 @@ def encode_result_body(body: ResultBody) -> bytes:
 def decode_result_body(raw: bytes) -> ResultBody:
     head, rest = _split(raw, what="result body")
     header = parse_model(head, _BodyHeader, what="result body", reason=Reason.MALFORMED_PAYLOAD)
-    buffers = _buffers(rest, [o.nbytes for o in header.outputs], what="result body")
-    names = [o.name for o in header.outputs]
-    if len(set(names)) != len(names):
-        raise WireError(Reason.MALFORMED_PAYLOAD, "result body names an output twice")
+    outputs = _tensors(header.outputs, rest, what="result body")
     try:
-        outputs = {
-            o.name: Tensor(dtype=o.dtype, shape=o.shape, data=buf)
-            for o, buf in zip(header.outputs, buffers, strict=True)
-        }
         return ResultBody(
             job_id=header.job_id,
             attempt=header.attempt,
@@ -144,8 +158,7 @@ def decode_result_body(raw: bytes) -> ResultBody:
             energy_wh=header.energy_wh,
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise WireError(Reason.MALFORMED_PAYLOAD, f"result body: {first['msg']}") from None
+        raise refusal(exc, what="result body", reason=Reason.MALFORMED_PAYLOAD) from None
 
 
 def sign_result(sealed: SealedResult, key: Ed25519PrivateKey) -> bytes:
@@ -202,15 +215,8 @@ def verify_result(raw: bytes, *, trusted: KeyRing, max_bytes: int) -> tuple[Seal
 JOB_BUNDLE_TYPE = "application/vnd.edge-fleet.job.v1+bundle"
 
 
-class _InputSpec(WireModel):
-    name: str = Field(min_length=1, max_length=128)
-    dtype: DType
-    shape: tuple[int, ...] = Field(max_length=MAX_RANK)
-    nbytes: int = Field(ge=0)
-
-
 class _JobHeader(JobFields):
-    inputs: tuple[_InputSpec, ...] = Field(min_length=1, max_length=MAX_INPUTS)
+    inputs: tuple[_TensorSpec, ...] = Field(min_length=1, max_length=MAX_INPUTS)
     inputs_sha256: str = Field(pattern=SHA256_RE)
 
 
@@ -222,10 +228,7 @@ def sign_job_bundle(spec: JobSpec, key: Ed25519PrivateKey) -> tuple[bytes, str]:
         digest.update(buf)
     header = _JobHeader(
         **{name: getattr(spec, name) for name in JobFields.model_fields},
-        inputs=tuple(
-            _InputSpec(name=n, dtype=t.dtype, shape=t.shape, nbytes=t.nbytes)
-            for n, t in spec.inputs.items()
-        ),
+        inputs=_specs(spec.inputs),
         inputs_sha256=digest.hexdigest(),
     )
     payload = dump_model(header)
@@ -258,20 +261,11 @@ def verify_job_bundle(
         raise WireError(
             Reason.BAD_SIGNATURE, "the input bytes do not match the digest that was signed"
         )
-    buffers = _buffers(rest, [i.nbytes for i in header.inputs], what="job bundle")
-    names = [i.name for i in header.inputs]
-    if len(set(names)) != len(names):
-        raise WireError(Reason.MALFORMED_PAYLOAD, "job bundle names an input twice")
+    inputs = _tensors(header.inputs, rest, what="job bundle")
     try:
         job = JobSpec(
-            **{name: getattr(header, name) for name in JobFields.model_fields},
-            inputs={
-                i.name: Tensor(dtype=i.dtype, shape=i.shape, data=buf)
-                for i, buf in zip(header.inputs, buffers, strict=True)
-            },
+            **{name: getattr(header, name) for name in JobFields.model_fields}, inputs=inputs
         )
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise WireError(Reason.MALFORMED_PAYLOAD, f"job field {where}: {first['msg']}") from None
+        raise refusal(exc, what="job", reason=Reason.MALFORMED_PAYLOAD) from None
     return verified, job

@@ -57,10 +57,15 @@ def parse_model(raw: bytes, model: type[M], *, what: str, reason: Reason) -> M:
     try:
         return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise WireError(reason, f"{what} field {where}: {first['msg']}{more}") from None
+        raise refusal(exc, what=what, reason=reason) from None
+
+
+def refusal(exc: ValidationError, *, what: str, reason: Reason) -> WireError:
+    """The WireError for a failed validation, naming the first bad field."""
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return WireError(reason, f"{what} field {where}: {first['msg']}{more}")
 
 
 def dump_model(message: BaseModel) -> bytes:
