@@ -161,6 +161,38 @@ BAD_CASES = [
         "`sensors.power` = 'psu': Input should be 'auto', 'rapl', 'ina3221', 'pmic' or 'none'",
         id="bad-power-sensor",
     ),
+    pytest.param(
+        (
+            'trusted_job_keys = "/etc/edge-agent/trusted.json"',
+            'trusted_job_keys = "/etc/edge-agent/trusted.json"\ntrust_policy = "p.json"',
+        ),
+        "`keys`: name exactly one of trust_policy (the fleet's root-signed policy, for vehicles) "
+        "or trusted_job_keys (a fixed key list, for a bench rig)",
+        id="two-trust-anchors",
+    ),
+    pytest.param(
+        ('trusted_job_keys = "/etc/edge-agent/trusted.json"', ""),
+        "`keys`: name exactly one of trust_policy (the fleet's root-signed policy, for vehicles) "
+        "or trusted_job_keys (a fixed key list, for a bench rig)",
+        id="no-trust-anchor",
+    ),
+    pytest.param(
+        ('dir = "models"', 'dir = "models"\nallowed_domains = ["", "com/evil"]'),
+        "`models.allowed_domains` = ['', 'com/evil']: 'com/evil' is not an operator domain name",
+        id="bad-operator-domain",
+    ),
+    pytest.param(
+        ('dir = "models"', 'dir = "models"\nmax_bytes = 10'),
+        "`models.max_bytes` = 10: Input should be greater than or equal to 1024",
+        id="tiny-model-limit",
+    ),
+    pytest.param(
+        ('dir = "models"', 'dir = "/var/lib/edge-agent/models"'),
+        "`(file)`: models.dir /var/lib/edge-agent/models is where installed models live "
+        "(<state.dir>/models): point it at the shipped, read-only models instead "
+        "(e.g. /usr/share/edge-agent/models)",
+        id="shipped-models-in-the-installed-area",
+    ),
 ]
 
 

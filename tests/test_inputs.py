@@ -199,3 +199,39 @@ def test_fleet_serve_refuses_plaintext_to_a_remote_broker(tmp_path):
     )
     assert proc.returncode == ExitCode.USAGE
     assert "refusing plaintext to 192.0.2.7" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "cannot read the trust policy"),
+        (b"not a policy", "malformed_envelope"),
+        ("signed-by-a-stranger", "bad_signature"),
+        ("a-result-envelope", "wrong_payload_type"),
+    ],
+    ids=["missing", "garbage", "not-signed-by-its-roots", "wrong-type"],
+)
+def test_a_bad_installed_trust_policy_stops_the_agent_at_start(tmp_path, content, needle):
+    """The installed policy is the vehicle's trust anchor: missing, unreadable, or not signed by a
+    threshold of its own roots, the agent refuses to start and says which file and why."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.assembly import StartupError, build_agent
+    from agent.config import load_config
+    from agent.wire import envelope
+    from tests.support import FleetKeys, write_vehicle
+
+    fleet = FleetKeys()
+    files = write_vehicle(tmp_path, "veh-anchor", port=1883, fleet=fleet)
+    path = files.config_path.parent / "trust-policy.json"
+    if content is None:
+        path.unlink()
+    elif content == "signed-by-a-stranger":
+        path.write_bytes(fleet.policy(signers=[Ed25519PrivateKey.generate()]))
+    elif content == "a-result-envelope":
+        path.write_bytes(envelope.sign(envelope.RESULT_TYPE, b"{}", fleet.root))
+    else:
+        path.write_bytes(content)
+    with pytest.raises(StartupError) as err:
+        build_agent(load_config(files.config_path))
+    assert needle in str(err.value) and "trust-policy.json" in str(err.value)

@@ -197,14 +197,18 @@ def test_install_refuses_bad_names_and_pins_and_taken_names(store):
 
 
 def test_an_unusable_store_folder_is_a_clear_error(tmp_path):
-    """A file where the installed area or its staging folder should be: a ModelStoreError naming
-    it, not a traceback."""
+    """A file where the installed area or its staging folder should be, or a damaged
+    installed.json: a ModelStoreError naming it, not a traceback."""
     blocker = tmp_path / "models"
     blocker.write_text("not a folder")
     with pytest.raises(ModelStoreError, match="Not a directory"):
         ModelStore.open(MODELS, installed=blocker)
     blocker.unlink()
     blocker.mkdir()
+    (blocker / "installed.json").write_text('{"version": 1, "models": "all of them"}')
+    with pytest.raises(ModelStoreError, match=r"installed\.json is not a valid manifest"):
+        ModelStore.open(MODELS, installed=blocker)
+    (blocker / "installed.json").unlink()
     (blocker / STAGING).write_text("not a folder")
     store = ModelStore.open(MODELS, installed=blocker)
     source = MODELS / "burn.onnx"
