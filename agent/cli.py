@@ -30,7 +30,7 @@ from agent.wire.keys import key_id, public_b64, write_private_key
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="edge-agent", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="edge-agent", description="the vehicle side's command line")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent until SIGTERM")
     run.add_argument("--config", type=Path, default=DEFAULT_PATH)

@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import ssl
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -75,6 +77,9 @@ READY_AFTER_S = 3.0
 MAX_WORKER_CRASHES = 2
 PRUNE_EVERY_S = 600.0
 LOAD_WINDOW_S = 0.1
+
+_T = TypeVar("_T")
+_P = ParamSpec("_P")
 
 
 def gate_policy(config: AgentConfig) -> GatePolicy:
@@ -180,7 +185,11 @@ class Agent:
         # Replay record: (job_id, attempt) of every job seen. In memory for now.
         self._jobs = jobs
         self._held: dict[tuple[str, int], JobSpec] = {}  # accepted and not finished, for heartbeats
-        self.metrics = AgentMetrics()
+        self.metrics = AgentMetrics(enabled=config.agent.metrics_port != 0)
+        # Blocking work (the state database, outbox files, sealing a result) runs on one
+        # thread of its own: SQLite takes one writer at a time anyway, and the default
+        # executor would grow to cores + 4 threads (~0.5 MB each) and keep them.
+        self._io_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="agent-io")
         self._notifier = notifier or Notifier()
         self._ready_sent = False
         # Replay record in memory, with expiries; pruned with the database every PRUNE_EVERY_S.
@@ -241,8 +250,14 @@ class Agent:
         except* _Shutdown:
             pass
         await self._engine.stop()
-        await asyncio.to_thread(self._ledger.save_day, self.energy.day, self.energy.today_wh)
+        await self._io(self._ledger.save_day, self.energy.day, self.energy.today_wh)
+        self._io_thread.shutdown(wait=True)
         self._log.info("agent_stopped", **dict(self.counts))
+
+    async def _io(self, fn: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run `fn(*args, **kwargs)` on the agent's I/O thread, off the event loop."""
+        call = functools.partial(fn, *args, **kwargs)
+        return await asyncio.get_running_loop().run_in_executor(self._io_thread, call)
 
     async def _stop_when(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -266,7 +281,7 @@ class Agent:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             self._held.pop((item.job.job_id, item.job.attempt), None)
-            await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._io(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, "shutdown", "agent stopping")
         # Phase 3: flush the outbox while connected (what stays is sent at the next start).
         try:
@@ -300,7 +315,7 @@ class Agent:
         self._pruned_at = self._clock()
         for key in [k for k, expires in self._seen.items() if expires < now]:
             del self._seen[key]
-        await asyncio.to_thread(self._jobs.prune_seen, now)
+        await self._io(self._jobs.prune_seen, now)
 
     def trusted_now(self) -> float:
         """The system clock, but never earlier than the latest signed issue time seen: a clock
@@ -377,9 +392,7 @@ class Agent:
                 await self._prune_replay_record()
             if self._current is not None and now - self._energy_saved_at >= ENERGY_SAVE_EVERY_S:
                 self._energy_saved_at = now
-                await asyncio.to_thread(
-                    self._ledger.save_day, self.energy.day, self.energy.today_wh
-                )
+                await self._io(self._ledger.save_day, self.energy.day, self.energy.today_wh)
             # Fast while computing (a close must stop compute at once); slower while the gate
             # is closed and nothing runs, where a second's delay in reopening costs nothing.
             busy = self.gate.is_open or self._current is not None
@@ -776,7 +789,7 @@ class Agent:
             return
         if new is None:
             return  # the retained copy of the policy already held, redelivered on connect
-        await asyncio.to_thread(self._jobs.save_policy, new.version, new.raw)
+        await self._io(self._jobs.save_policy, new.version, new.raw)
         self.counts["policy_accepted"] += 1
         self.metrics.policies.labels(outcome="accepted").inc()
         self.metrics.policy_version.set(new.version)
@@ -824,13 +837,13 @@ class Agent:
         if job.issued_at > self._clock_floor:
             # Admission bounded issued_at by now + skew, so one key cannot push this far ahead.
             self._clock_floor = job.issued_at
-            await asyncio.to_thread(self._jobs.raise_clock_floor, job.issued_at)
+            await self._io(self._jobs.raise_clock_floor, job.issued_at)
         poisoned = self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES
         accept = (
             not poisoned and self.gate.is_open and not self._stopping and not self._queue.full()
         )
         # Durable before anything is acted on: a replay after a crash is still caught.
-        await asyncio.to_thread(
+        await self._io(
             self._jobs.remember,
             job.job_id,
             job.attempt,
@@ -875,7 +888,7 @@ class Agent:
             if self._engine.has_work:
                 self._engine.kill()  # this job may have been staged: it must not compute
             reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
-            await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._io(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
             return
         run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
@@ -890,7 +903,7 @@ class Agent:
             self._job_running.clear()
         if run.cancelled():
             await self._close_energy(item, "preempted")
-            await asyncio.to_thread(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._io(self._jobs.finish, item.job.job_id, item.job.attempt)
         elif (exc := run.exception()) is not None:
             self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
             await self._close_energy(item, "failed")
@@ -925,9 +938,7 @@ class Agent:
             )
         )
         try:
-            await asyncio.to_thread(
-                self._jobs.mark, job.job_id, job.attempt, "running", self._clock()
-            )
+            await self._io(self._jobs.mark, job.job_id, job.attempt, "running", self._clock())
             await self._event_soon(job, EventKind.RUNNING)
             await self._stage_next()
             await asyncio.wait({compute})
@@ -945,7 +956,7 @@ class Agent:
                 if self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES:
                     detail += "; this job has now killed the worker twice and is not run here again"
             await self._close_energy(item, "failed")
-            await asyncio.to_thread(self._jobs.finish, job.job_id, job.attempt)
+            await self._io(self._jobs.finish, job.job_id, job.attempt)
             await self._event_soon(job, EventKind.FAILED, err.reason.value, detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
@@ -971,10 +982,10 @@ class Agent:
             try:
                 job = done.item.job
                 await self._record_energy(done.item, done.energy_wh, "succeeded")
-                sealed = await asyncio.to_thread(
+                sealed = await self._io(
                     self._seal, done.item, done.outputs, done.runtime_ms, done.energy_wh
                 )
-                await asyncio.to_thread(
+                await self._io(
                     self._jobs.finish_with_result,
                     job.job_id,
                     job.attempt,
@@ -991,7 +1002,7 @@ class Agent:
         """Publish the outbox in order; a row goes only once the broker acknowledged it."""
         while True:
             damaged = self._jobs.damaged
-            batch = await asyncio.to_thread(self._jobs.outbox_batch)
+            batch = await self._io(self._jobs.outbox_batch)
             if self._jobs.damaged > damaged:
                 lost = self._jobs.damaged - damaged
                 self._outbox_depth = max(0, self._outbox_depth - lost)
@@ -1007,7 +1018,7 @@ class Agent:
                 continue
             for seq, topic_name, payload, job_id, attempt in batch:
                 await client.publish(topic_name, payload, qos=1)  # returns on PUBACK
-                await asyncio.to_thread(self._jobs.outbox_remove, seq)
+                await self._io(self._jobs.outbox_remove, seq)
                 self._outbox_depth = max(0, self._outbox_depth - 1)
                 # "succeeded" once the broker holds the result, not before.
                 self.counts[EventKind.SUCCEEDED.value] += 1
@@ -1060,7 +1071,7 @@ class Agent:
                 at=self._clock(),
             )
             await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
-            await asyncio.to_thread(self._jobs.finish, job_id, attempt)
+            await self._io(self._jobs.finish, job_id, attempt)
 
     def _book_energy(self, item: AcceptedJob) -> float:
         """Close the job's energy account in the meter (a last sample at its end)."""
@@ -1075,7 +1086,7 @@ class Agent:
 
     async def _record_energy(self, item: AcceptedJob, wh: float, outcome: str) -> None:
         job = item.job
-        await asyncio.to_thread(
+        await self._io(
             self._ledger.record_job,
             job.job_id,
             job.attempt,

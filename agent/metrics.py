@@ -1,16 +1,66 @@
-"""Prometheus metrics on a localhost port (prometheus-client), one registry per agent."""
+"""Prometheus metrics on a localhost port (prometheus-client), one registry per agent.
+
+With the endpoint off (`agent.metrics_port = 0`, the default) every instrument is a
+null one and prometheus-client is never imported: it and the HTTP server modules it
+pulls in cost about 2 MB of the daemon's memory while the car drives, for numbers
+nobody reads on a car without a local Prometheus (docs/performance.md, idle footprint).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from typing import TYPE_CHECKING
 
 from agent.core.gate import GateReason
 
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class _Off:
+    """The null instrument: takes every update, records nothing."""
+
+    def labels(self, *values: str, **labels: str) -> _Off:
+        return self
+
+    def inc(self, amount: float = 1) -> None:
+        pass
+
+    def set(self, value: float) -> None:
+        pass
+
+    def observe(self, amount: float) -> None:
+        pass
+
+
+OFF = _Off()
+
 
 class AgentMetrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
+    """The agent's instruments: real ones when `enabled`, the null one otherwise."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.registry: CollectorRegistry | None = None
+        self.gate_open: Gauge | _Off = OFF
+        self.gate_reason: Gauge | _Off = OFF
+        self.jobs: Counter | _Off = OFF
+        self.job_seconds: Histogram | _Off = OFF
+        self.energy_today: Gauge | _Off = OFF
+        self.outbox: Gauge | _Off = OFF
+        self.reconnects: Counter | _Off = OFF
+        self.compute_power: Gauge | _Off = OFF
+        self.compute_temp: Gauge | _Off = OFF
+        self.policies: Counter | _Off = OFF
+        self.policy_version: Gauge | _Off = OFF
+        self.inbound_dropped: Counter | _Off = OFF
+        self.duty: Gauge | _Off = OFF
+        if enabled:
+            self._build()
+
+    def _build(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = r = CollectorRegistry()
         self.gate_open = Gauge("edge_agent_gate_open", "1 while the car may compute", registry=r)
         self.gate_reason = Gauge(
             "edge_agent_gate_reason", "1 for each reason the gate is closed", ["reason"], registry=r
@@ -60,4 +110,8 @@ class AgentMetrics:
 
     def serve(self, port: int) -> None:
         """Serve /metrics on 127.0.0.1:`port` (a daemon thread of prometheus-client's)."""
+        if self.registry is None:
+            raise RuntimeError("metrics are off: build AgentMetrics(enabled=True) to serve them")
+        from prometheus_client import start_http_server
+
         start_http_server(port, addr="127.0.0.1", registry=self.registry)

@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.wire.keys import KeyRing, write_private_key
 from broker.local import LocalMosquitto
+from broker.policy import make_policy, signed_policy
+from broker.provision import FleetPki
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "cache"
@@ -113,8 +116,10 @@ def model_dir(include_realistic: bool) -> Path:
 
 
 @contextlib.contextmanager
-def broker(workdir: Path) -> Iterator[LocalMosquitto]:
-    b = LocalMosquitto(workdir / "mosquitto")
+def broker(workdir: Path, pki: FleetPki | None = None) -> Iterator[LocalMosquitto]:
+    """A private mosquitto: plaintext on loopback, or with `pki` as in production (TLS, client
+    certificates, the ACL)."""
+    b = LocalMosquitto(workdir / "mosquitto", pki=pki)
     b.start()
     try:
         yield b
@@ -132,12 +137,37 @@ def vehicle_config(
     scenario: str = "parked-charging",
     limits: str = "",
     agent: str = "",
+    pki: FleetPki | None = None,
+    requester: X25519PrivateKey | None = None,
 ) -> Path:
+    """A vehicle's config. By default the bench rig's: a fixed job-key list, a plaintext
+    loopback broker. With `pki` (provisioned for `vehicle_id`), a car's: mutual TLS, and a
+    root-signed trust policy delegating `job_key` and naming `requester`. `scenario`: a
+    shipped scenario's name or a scenario file's path."""
     d = workdir / vehicle_id
     d.mkdir(parents=True, exist_ok=True)
     if not (d / "vehicle.key").exists():
         write_private_key(d / "vehicle.key", Ed25519PrivateKey.generate())
-    (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
+    if pki is None:
+        (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
+        trust = 'trusted_job_keys = "trusted-job-keys.json"'
+        broker_section = f"tls = false  # a private plaintext broker on loopback\nport = {port}"
+    else:
+        root = Ed25519PrivateKey.generate()
+        policy = make_policy(
+            version=1,
+            roots=[root.public_key()],
+            threshold=1,
+            job_keys=[job_key.public_key()],
+            requesters=[(requester or X25519PrivateKey.generate()).public_key()],
+        )
+        (d / "trust-policy.json").write_bytes(signed_policy(policy, [root]))
+        trust = 'trust_policy = "trust-policy.json"'
+        identity = pki.vehicle(vehicle_id)
+        broker_section = (
+            f'tls = true\nhost = "localhost"\nport = {port}\nca_file = "{pki.ca}"\n'
+            f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
+        )
     path = d / "agent.toml"
     path.write_text(f"""
 [owner]
@@ -147,7 +177,7 @@ consent_date = 2026-11-30
 
 [vehicle]
 id = "{vehicle_id}"
-scenario = "{SCENARIOS / (scenario + ".toml")}"
+scenario = "{scenario if scenario.endswith(".toml") else SCENARIOS / (scenario + ".toml")}"
 
 [limits]
 max_compute_temp_c = 110.0
@@ -157,12 +187,11 @@ daily_energy_wh = 100000
 {limits}
 
 [broker]
-tls = false  # a private plaintext broker on loopback
-port = {port}
+{broker_section}
 
 [keys]
 vehicle_key = "vehicle.key"
-trusted_job_keys = "trusted-job-keys.json"
+{trust}
 
 [models]
 dir = "{models}"
@@ -171,7 +200,6 @@ dir = "{models}"
 dir = "state"
 
 [agent]
-metrics_port = 0
 {agent}
 """)
     return path

@@ -98,7 +98,6 @@ dir = "{MODELS}"
 dir = "state"
 
 [agent]
-metrics_port = 0
 capacity = 8
 work_request_interval_s = 0.5
 """

@@ -139,7 +139,6 @@ dir = "{MODELS}"
 dir = "state"
 
 [agent]
-metrics_port = 0
 capacity = 4
 work_request_interval_s = 0.3
 vehicle_poll_s = 0.02

@@ -264,3 +264,83 @@ def test_shipped_example_config_is_valid():
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "systemd" / "agent.toml.example")
     assert cfg.owner.opted_in is False, "the example must not opt anyone in"
+
+
+def test_environment_overrides_the_file_with_toml_values(tmp_path):
+    """EDGE_AGENT_<SECTION>__<KEY> wins over the file; values are read as TOML values, or as
+    plain strings when they are not one; relative paths resolve against the file's folder."""
+    environ = {
+        "EDGE_AGENT_BROKER__PORT": "1884",
+        "EDGE_AGENT_OWNER__OPTED_IN": "false",
+        "edge_agent_agent__capacity": "3",
+        "EDGE_AGENT_VEHICLE__ID": "veh-002",
+        "EDGE_AGENT_OWNER__ACCEPTED_JOB_CLASSES": '["ocr", "bench"]',
+        "EDGE_AGENT_MODELS__DIR": "elsewhere",
+        "PATH": "/usr/bin",  # not ours: ignored
+    }
+    cfg = parse_config(GOOD, path=tmp_path / "agent.toml", environ=environ)
+    assert cfg.broker.port == 1884
+    assert cfg.owner.opted_in is False
+    assert cfg.agent.capacity == 3
+    assert cfg.vehicle.id == "veh-002"
+    assert cfg.owner.accepted_job_classes == ("ocr", "bench")
+    assert cfg.models.dir == (tmp_path / "elsewhere").resolve()
+    assert parse_config(GOOD, path=tmp_path / "agent.toml", environ={}).broker.port != 1884
+
+
+ENV_BAD_CASES = [
+    pytest.param(
+        {"EDGE_AGENT_BROKER_PORT": "1884"},
+        "environment variable EDGE_AGENT_BROKER_PORT: expected EDGE_AGENT_<SECTION>__<KEY>, "
+        "e.g. EDGE_AGENT_BROKER__PORT=1884",
+        id="one-underscore",
+    ),
+    pytest.param(
+        {"EDGE_AGENT_CAR__ID": "x"},
+        "environment variable EDGE_AGENT_CAR__ID: no section `car` (sections: owner, vehicle, "
+        "sensors, limits, broker, keys, models, state, agent)",
+        id="unknown-section",
+    ),
+    pytest.param(
+        {"EDGE_AGENT_BROKER__PROT": "1884"},
+        "`broker.prot`: unknown key (check its spelling; docs/config.md lists every key) "
+        "(set by the environment variable EDGE_AGENT_BROKER__PROT)",
+        id="unknown-key",
+    ),
+    pytest.param(
+        {"EDGE_AGENT_OWNER__OPTED_IN": "yes"},
+        "`owner.opted_in` = 'yes': must be true or false (a TOML boolean, without quotes) "
+        "(set by the environment variable EDGE_AGENT_OWNER__OPTED_IN)",
+        id="consent-not-a-boolean",
+    ),
+    pytest.param(
+        {"EDGE_AGENT_BROKER__PORT": "70000"},
+        "`broker.port` = 70000: Input should be less than or equal to 65535 "
+        "(set by the environment variable EDGE_AGENT_BROKER__PORT)",
+        id="port-out-of-range",
+    ),
+]
+
+
+@pytest.mark.parametrize(("environ", "message"), ENV_BAD_CASES)
+def test_bad_environment_override_is_refused_with_the_variable_named(tmp_path, environ, message):
+    """A misspelt or wrong override is an error naming the variable, never silently ignored."""
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD, path=tmp_path / "agent.toml", environ=environ)
+    assert message in err.value.problems
+
+
+def test_check_config_cli_reports_a_bad_environment_override(tmp_path):
+    """The override rules hold for the command line too: EX_CONFIG and the variable named."""
+    good = tmp_path / "good.toml"
+    good.write_text(GOOD)
+    env = {"PATH": "/usr/bin:/bin", "EDGE_AGENT_AGENT__CAPACITY": "0"}
+    ko = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "check-config", str(good)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=env,
+    )
+    assert ko.returncode == ExitCode.CONFIG
+    assert "(set by the environment variable EDGE_AGENT_AGENT__CAPACITY)" in ko.stderr

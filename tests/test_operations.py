@@ -86,8 +86,6 @@ async def test_agent_is_ready_pings_the_watchdog_and_serves_metrics(
     files = write_vehicle(
         tmp_path, "veh-ops", port=mosquitto.port, fleet=fleet, extra=f"metrics_port = {port}"
     )
-    text = files.config_path.read_text().replace("metrics_port = 0\n", "", 1)
-    files.config_path.write_text(text)
     async with observing(mosquitto.port, "veh-ops") as obs, running_agent(files) as agent:
         await obs.send_job(signed(job_spec(fleet, "veh-ops"), fleet.job_key))
         await wait_for(lambda: "succeeded" in obs.kinds(), what="job done")
@@ -109,3 +107,38 @@ async def test_agent_is_ready_pings_the_watchdog_and_serves_metrics(
     ready = next(m for m in messages if "READY" in m)
     assert ready["STATUS"].startswith("gate open; connected")
     assert {"STOPPING": "1", "STATUS": "stopping"} in messages
+
+
+def test_metrics_off_record_nothing_and_never_load_prometheus_client():
+    """With `metrics_port = 0` (the default) every instrument takes its updates and records
+    nothing, and prometheus-client is never imported (it costs the daemon ~2 MB while driving);
+    asking such metrics to serve is an error, not a silent no-op."""
+    import subprocess
+    import sys
+
+    probe = """
+import sys
+from agent.metrics import AgentMetrics
+m = AgentMetrics(enabled=False)
+m.jobs.labels(kind="succeeded", reason="").inc()
+m.gate(True, ["not_parked"])
+m.job_seconds.observe(0.5)
+m.duty.set(0.5)
+assert m.registry is None
+try:
+    m.serve(9)
+except RuntimeError as exc:
+    print("serve refused:", exc)
+print("prometheus loaded:", "prometheus_client" in sys.modules)
+on = AgentMetrics(enabled=True)
+on.jobs.labels(kind="succeeded", reason="").inc()
+from prometheus_client import generate_latest
+text = generate_latest(on.registry).decode()
+print("counted:", 'edge_agent_jobs_total{kind="succeeded",reason=""} 1.0' in text)
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert "serve refused: metrics are off" in out
+    assert "prometheus loaded: False" in out
+    assert "counted: True" in out

@@ -13,7 +13,7 @@ import pytest
 
 from agent.wire.mqtt import NO_DELAY, client_tls
 from agent.wire.topics import Channel, topic
-from broker.local import LocalMosquitto
+from broker.local import LocalMosquitto, free_port
 from broker.provision import FleetPki, ProvisionError, provision
 from tests.support import (
     burn_spec,
@@ -235,7 +235,14 @@ async def test_a_flood_of_jobs_is_bounded_and_every_job_answered(
     """60 valid jobs at once to a vehicle with 4 slots: the agent never holds more than its queue
     bounds; every job is run, handed back `busy`, or (when the inbound queue is full) dropped
     and counted -- none vanishes uncounted; the agent then serves an honest job."""
-    files = write_vehicle(tmp_path, "veh-a", port=secure_broker.port, fleet=fleet, pki=pki)
+    files = write_vehicle(
+        tmp_path,
+        "veh-a",
+        port=secure_broker.port,
+        fleet=fleet,
+        pki=pki,
+        extra=f"metrics_port = {free_port()}",  # the drop counter is checked too
+    )
     ids = [f"flood-{i:02d}" for i in range(60)]
     async with observing(secure_broker.port, "veh-a", pki) as obs, running_agent(files) as agent:
         peak = 0
