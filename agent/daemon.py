@@ -938,9 +938,10 @@ class Agent:
             )
         )
         try:
+            await asyncio.sleep(0)  # let the run write its request (or find it staged)
+            await self._stage_next()  # before the journal: its write may queue behind sealing
             await self._io(self._jobs.mark, job.job_id, job.attempt, "running", self._clock())
             await self._event_soon(job, EventKind.RUNNING)
-            await self._stage_next()
             await asyncio.wait({compute})
         except BaseException:  # cancelled: preempted, or the agent is stopping
             compute.cancel()

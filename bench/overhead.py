@@ -64,6 +64,17 @@ def _cpu(agent_pid: int, b: Any) -> dict[str, float]:
     }
 
 
+def steal() -> tuple[int, int]:
+    """(stolen, total) jiffies of all CPUs so far: time the hypervisor gave to someone else."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7], sum(fields[:8])
+
+
+def steal_pct(before: tuple[int, int], after: tuple[int, int]) -> float:
+    total = after[1] - before[1]
+    return round(100 * (after[0] - before[0]) / total, 2) if total else 0.0
+
+
 def bare_rate(path: Path, feeds: dict[str, np.ndarray], runs: int) -> tuple[float, float]:
     """(runs per second, median ms per run) of plain session.run, one intra-op thread."""
     import onnxruntime as ort
@@ -184,14 +195,17 @@ class AgentUnderTest:
                     self.results.append(m.payload)  # type: ignore[arg-type]
                     times.append(time.perf_counter())
                     if len(times) == 1:
-                        cpu_first = _cpu(self.proc.pid, self.broker)
+                        cpu_first, steal_first = _cpu(self.proc.pid, self.broker), steal()
                     if len(times) == jobs:
-                        cpu_last = _cpu(self.proc.pid, self.broker)
+                        cpu_last, steal_last = _cpu(self.proc.pid, self.broker), steal()
                         break
         done = jobs - 1
+        cpu_s = {k: cpu_last[k] - cpu_first[k] for k in cpu_first}
         return {
             "jobs_per_s": done / (times[-1] - times[0]),
-            "cpu_s": {k: cpu_last[k] - cpu_first[k] for k in cpu_first},
+            "cpu_s": cpu_s,
+            "worker_busy": cpu_s["worker"] / (times[-1] - times[0]),
+            "steal_pct": steal_pct(steal_first, steal_last),
             "jobs": done,
             "message_bytes": {"job": len(signed[0]), "result": len(self.results[-1])},
         }
@@ -211,21 +225,30 @@ class AgentUnderTest:
 async def measure(
     models: Path, name: str, file: str, jobs: int, blocks: int, workdir: Path
 ) -> dict[str, Any]:
-    """Blocks of agent jobs interleaved with bare runs: bare, agent, bare, agent, ..., bare.
-    Each agent block is compared with the mean of the bare runs just before and just after
-    it, a few seconds apart: this VM's speed drifts by 20 % within minutes, and a baseline
-    taken at another time would measure the drift, not the agent. The median block is
-    reported; every block is kept."""
+    """Short blocks of agent jobs interleaved with bare runs: bare, agent, bare, ..., bare.
+
+    This VM's speed swings by 20-40 % from one few-second stretch to the next (bare runs/s
+    of 22, then 35, then 39), so a baseline taken at another time measures the swing, not
+    the agent. The headline ratio compares totals over all the interleaved blocks (agent
+    jobs per second of agent time over bare runs per second of bare time), which samples
+    the swings alike on both sides; each block's ratio against the bare runs just before and
+    after it is kept too, with their median and quartiles. The worker's busy share (its CPU
+    time over the block's wall time) is measured within each block, so the swings hardly
+    touch it: 1 minus it is the time the agent left the worker waiting."""
     feeds = _inputs(name)
     aut = AgentUnderTest(models, name, feeds, workdir)
     async with aut.running():
         await aut.block(8)  # warm up: the worker starts and loads the model
+        s0 = steal()
         bare = [bare_rate(models / file, feeds, runs=jobs)]
+        bare_steal = [steal_pct(s0, steal())]
         trials, cpu = [], dict.fromkeys(("daemon", "worker", "broker", "bench_fleet"), 0.0)
-        done = 0
+        agent_jobs = agent_s = 0.0
         for _ in range(blocks):
             through = await aut.block(jobs)
+            s0 = steal()
             bare.append(bare_rate(models / file, feeds, runs=jobs))
+            bare_steal.append(steal_pct(s0, steal()))
             (before, before_ms), (after, after_ms) = bare[-2], bare[-1]
             bare_per_s = (before + after) / 2
             trials.append(
@@ -235,27 +258,47 @@ async def measure(
                     "bare_median_ms": round(median([before_ms, after_ms]), 3),
                     "agent_jobs_per_s": round(through["jobs_per_s"], 2),
                     "ratio": round(through["jobs_per_s"] / bare_per_s, 4),
-                    "per_job_overhead_ms": round(
-                        1000 / through["jobs_per_s"] - 1000 / bare_per_s, 3
-                    ),
+                    "worker_busy": round(through["worker_busy"], 3),
+                    "steal_pct": {
+                        "agent": through["steal_pct"],
+                        "bare_before_after": bare_steal[-2:],
+                    },
                 }
             )
             for k, v in through["cpu_s"].items():
                 cpu[k] += v
-            done += through["jobs"]
+            agent_jobs += through["jobs"]
+            agent_s += through["jobs"] / through["jobs_per_s"]
             message_bytes = through["message_bytes"]
-    ranked = sorted(trials, key=lambda t: t["ratio"])
+    bare_per_s = len(bare) * jobs / sum(jobs / rate for rate, _ in bare)
+    agent_per_s = agent_jobs / agent_s
+    ratios = sorted(t["ratio"] for t in trials)
+    busy = sorted(t["worker_busy"] for t in trials)
     return {
-        **ranked[len(ranked) // 2],
+        "bare_runs_per_s": round(bare_per_s, 2),
+        "agent_jobs_per_s": round(agent_per_s, 2),
+        "ratio": round(agent_per_s / bare_per_s, 4),
+        "per_job_overhead_ms": round(1000 / agent_per_s - 1000 / bare_per_s, 3),
+        "block_ratio_quartiles": [round(quantile(ratios, q), 4) for q in (0.25, 0.5, 0.75)],
+        "worker_busy_median": round(quantile(busy, 0.5), 3),
+        "bare_median_ms": round(median([ms for _, ms in bare]), 3),
         "jobs_per_block": jobs,
         "blocks": blocks,
         "results_verified": aut.verified(),
         "results_expected": aut.n,
         "message_bytes": message_bytes,
-        "cpu_ms_per_job": {k: round(v / done * 1000, 2) for k, v in cpu.items()},
-        "block_ratios": [t["ratio"] for t in trials],
-        "blocks_at_or_above_target": sum(t["ratio"] >= TARGET for t in trials),
+        "cpu_ms_per_job": {k: round(v / agent_jobs * 1000, 2) for k, v in cpu.items()},
+        "blocks_at_or_above_target": sum(r >= TARGET for r in ratios),
+        "all_blocks": trials,
     }
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    """Linear-interpolated quantile of an already sorted list."""
+    pos = (len(ordered) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
 async def run(quick: bool = False) -> dict[str, Any]:
@@ -263,7 +306,7 @@ async def run(quick: bool = False) -> dict[str, Any]:
     rows = {}
     for name, file, jobs, blocks in (
         ("digits", "digits.onnx", 300 if quick else 500, 1 if quick else 3),
-        ("ppocr-rec", "ppocr_rec.onnx", 30 if quick else 60, 2 if quick else 9),
+        ("ppocr-rec", "ppocr_rec.onnx", 16 if quick else 20, 3 if quick else 25),
     ):
         with tempfile.TemporaryDirectory() as tmp:
             rows[name] = await measure(models, name, file, jobs, blocks, Path(tmp))
@@ -280,8 +323,12 @@ def main(quick: bool = False) -> dict[str, Any]:
     )
     for name, r in data["models"].items():
         c = r["cpu_ms_per_job"]
-        if len(r["block_ratios"]) > 1:
-            print(f"  ({name}: ratios of {len(r['block_ratios'])} blocks {r['block_ratios']})")
+        if r["blocks"] > 1:
+            print(
+                f"  ({name}: {r['blocks']} interleaved blocks of {r['jobs_per_block']} jobs; "
+                f"block ratios, quartiles {r['block_ratio_quartiles']}; "
+                f"worker busy {r['worker_busy_median']} of the time, median block)"
+            )
         print(
             f"{name:<11}{r['bare_runs_per_s']:>9.1f}{r['agent_jobs_per_s']:>9.1f}"
             f"{r['ratio']:>8.3f}{r['per_job_overhead_ms']:>12.3f}"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from agent.core.admission import HeldModel, InputSpec
-from agent.inference.engine import WorkerEngine
+from agent.inference.engine import WorkerEngine, _Replies
 from agent.wire.errors import Reason, WireError
 from agent.wire.tensors import Tensor
 from tests.support import (
@@ -92,8 +92,8 @@ async def test_a_staged_job_starts_when_the_worker_is_free_and_answers_to_its_ke
         assert not await engine.stage("c", DIGITS_MODEL, digits, b_in), "one staged job at most"
         out_a = await run_a
         await asyncio.sleep(0.3)  # B computes now, before anyone asks for it
-        assert engine._proc is not None and engine._proc.stdout is not None
-        assert len(engine._proc.stdout._buffer) > 0, "B was answered before its run was asked"
+        assert engine._replies is not None
+        assert engine._replies._queue.qsize() == 1, "B was answered before its run was asked"
         out_b = await engine.run(DIGITS_MODEL, digits, b_in, deadline_s=30, key="b")
     finally:
         await engine.stop()
@@ -280,6 +280,9 @@ async def test_gate_close_also_stops_a_staged_job(mosquitto, fleet, tmp_path):
         await wait_for(lambda: len(agent._engine._outstanding) == 2, what="job-2 staged")
         pid = agent._engine.pid
         agent.set_vehicle({"gear": "D"})
+        deadline = time.monotonic() + 1.0
+        while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
+            time.sleep(0.0005)  # noqa: ASYNC251 - a tight poll that must not yield to the agent
         assert proc_state(pid) in ("T", "Z", "gone")
         await wait_for(lambda: "preempted" in obs.kinds("job-1"), what="job-1 preempted")
         await wait_for(lambda: "released" in obs.kinds("job-2"), what="job-2 handed back")
@@ -309,3 +312,39 @@ async def test_power_cap_holds_on_the_real_worker(mosquitto, fleet, tmp_path):
         assert mean <= 15.0 * 1.08
         assert mean >= 15.0 * 0.6, "capped, not stalled"
         assert 0.25 < agent.governor.duty < 0.6
+
+
+_BIG_REPLY = """
+import sys
+from pathlib import Path
+from agent.inference.worker import _reply
+_reply(sys.stdout.buffer, {"ok": True, "outputs": [{"nbytes": 3_000_000}]}, [b"x" * 3_000_000])
+Path(sys.argv[1]).touch()
+"""
+
+
+async def test_a_reply_larger_than_the_pipe_is_drained_while_the_event_loop_is_busy(tmp_path):
+    """A worker's reply is read by the engine's own thread: a 3 MB reply through a 64 KiB
+    pipe is written completely while the event loop is blocked, so the worker is free to
+    start the staged job instead of waiting for the daemon's loop. Then end of stream."""
+    import subprocess
+    import sys
+
+    done = tmp_path / "written"
+    read_end, write_end = os.pipe()
+    child = subprocess.Popen(  # noqa: ASYNC220 - a stand-in worker, started at once
+        [sys.executable, "-c", _BIG_REPLY, str(done)], stdout=write_end
+    )
+    os.close(write_end)
+    replies = _Replies(read_end, asyncio.get_running_loop())
+    deadline = time.monotonic() + 20
+    while not done.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # noqa: ASYNC251 - blocking the event loop is the point
+    assert done.exists(), "the child's write waited for the event loop"
+    frame = await replies.next()
+    assert frame is not None
+    header, buffers = frame
+    assert header["outputs"] == [{"nbytes": 3_000_000}] and buffers == [b"x" * 3_000_000]
+    assert child.wait(timeout=10) == 0
+    assert await replies.next() is None, "end of stream once the worker has gone"
+    assert await replies.next() is None

@@ -17,6 +17,11 @@ request carries a key that the worker echoes; `run` for a staged key just waits
 for its reply. A staged job that is not run after all (the gate closed) is
 discarded by killing the worker: the daemon never leaves compute running that it
 did not start on purpose.
+
+Replies are read by a thread of the engine's own, whole frames at a time, and
+handed to the event loop: a reply larger than the pipe (PP-OCR's is 1.06 MB, the
+pipe 1 MiB) would otherwise hold the worker at its last write until the loop
+got round to reading, and the staged job would wait with it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydantic import ValidationError
 
@@ -42,6 +48,72 @@ from agent.wire.tensors import Tensor
 
 _START_TIMEOUT_S = 60.0
 
+Frame = tuple[dict[str, Any], list[bytes]]
+
+
+def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    """n bytes, or None at the end of the stream (the worker has gone)."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_frame(stream: BinaryIO) -> Frame | None:
+    """One reply frame (header and output buffers), or None at the end of the stream.
+    Raises ValueError for a frame that is not one."""
+    prefix = _read_exact(stream, 4)
+    raw = None if prefix is None else _read_exact(stream, frames.header_length(prefix))
+    if raw is None:
+        return None
+    header = frames.parse_header(raw)
+    buffers = []
+    for n in frames.buffer_sizes(header.get("outputs", [])):
+        buf = _read_exact(stream, n) if n else b""
+        if buf is None:
+            return None
+        buffers.append(buf)
+    return header, buffers
+
+
+class _Replies:
+    """A worker's replies, read whole by a thread and queued for the event loop; None once
+    the worker's stdout has closed (it exited or was killed) or sent something not a frame."""
+
+    def __init__(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        self._queue: asyncio.Queue[Frame | None] = asyncio.Queue()
+        self._ended = False
+        threading.Thread(
+            target=self._pump, args=(fd, loop), name="worker-replies", daemon=True
+        ).start()
+
+    def _pump(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        frame: Frame | None = None
+        with open(fd, "rb", buffering=0) as stream:
+            while True:
+                try:
+                    frame = read_frame(stream)
+                except (OSError, ValueError):
+                    frame = None
+                self._post(loop, frame)
+                if frame is None:
+                    return
+
+    def _post(self, loop: asyncio.AbstractEventLoop, frame: Frame | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
+            loop.call_soon_threadsafe(self._queue.put_nowait, frame)
+
+    async def next(self) -> Frame | None:
+        if self._ended:
+            return None
+        frame = await self._queue.get()
+        self._ended = frame is None
+        return frame
+
 
 class WorkerEngine:
     """One worker process at a time, one job at a time."""
@@ -51,6 +123,7 @@ class WorkerEngine:
         self.memory_mb = memory_mb
         self.idle_s = idle_s
         self._proc: asyncio.subprocess.Process | None = None
+        self._replies: _Replies | None = None
         self._lock = asyncio.Lock()
         self._log = get_logger(component="worker")
         self._paused_since: float | None = None
@@ -127,23 +200,30 @@ class WorkerEngine:
         if self._proc is not None and self._proc.returncode is None:
             return self._proc
         await self._reap()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "agent.inference.worker",
-            "--threads",
-            str(self.threads),
-            "--memory-mb",
-            str(self.memory_mb),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            limit=64 * 1024 * 1024,
-        )
+        replies, stdout = os.pipe()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "agent.inference.worker",
+                "--threads",
+                str(self.threads),
+                "--memory-mb",
+                str(self.memory_mb),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=stdout,
+            )
+        except BaseException:
+            os.close(replies)
+            raise
+        finally:
+            os.close(stdout)  # the worker holds it: its exit is the reader's end of stream
         self._proc = proc
+        self._replies = _Replies(replies, asyncio.get_running_loop())
         self.starts += 1
         try:
             async with asyncio.timeout(_START_TIMEOUT_S):
-                ready = await self._read_header(proc)
+                ready, _ = await self._read_frame(proc)
         except (TimeoutError, WireError) as exc:
             self.kill()
             await self._reap()
@@ -158,6 +238,7 @@ class WorkerEngine:
 
     async def _reap(self) -> None:
         proc, self._proc = self._proc, None
+        self._replies = None  # its thread ends with the worker's stdout
         if proc is None:
             return
         if proc.returncode is None:
@@ -184,19 +265,12 @@ class WorkerEngine:
 
     # ---- one job -----------------------------------------------------------
 
-    async def _read_header(self, proc: asyncio.subprocess.Process) -> dict[str, Any]:
-        assert proc.stdout is not None
-        try:
-            prefix = await proc.stdout.readexactly(4)
-            header = frames.parse_header(
-                await proc.stdout.readexactly(frames.header_length(prefix))
-            )
-        except (asyncio.IncompleteReadError, ValueError):
+    async def _read_frame(self, proc: asyncio.subprocess.Process) -> Frame:
+        frame = await self._replies.next() if self._replies is not None else None
+        if frame is None:
             code = await proc.wait()
-            raise WireError(
-                Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
-            ) from None
-        return header
+            raise WireError(Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})")
+        return frame
 
     def _write(
         self,
@@ -245,7 +319,6 @@ class WorkerEngine:
     ) -> tuple[dict[str, Any], list[bytes]]:
         """Wait for the reply to `key` (already written)."""
         assert proc.stdin is not None
-        assert proc.stdout is not None
         try:
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
@@ -253,16 +326,7 @@ class WorkerEngine:
             raise WireError(
                 Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
             ) from None
-        reply = await self._read_header(proc)
-        out = []
-        for n in frames.buffer_sizes(reply.get("outputs", [])):
-            try:
-                out.append(await proc.stdout.readexactly(n) if n else b"")
-            except asyncio.IncompleteReadError:
-                code = await proc.wait()
-                raise WireError(
-                    Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
-                ) from None
+        reply, out = await self._read_frame(proc)
         if reply.get("key") != key or not self._outstanding or self._outstanding[0] != key:
             raise WireError(Reason.RUNTIME_ERROR, f"the worker answered {reply.get('key')!r}")
         self._outstanding.popleft()

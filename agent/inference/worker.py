@@ -7,6 +7,11 @@ sha256 and size from the bytes it reads before creating a session, caches
 sessions per digest, turns thread spinning off, and answers every request
 with outputs or a typed failure. A model that crashes the runtime or blows
 the memory limit kills only this process; the daemon sees the pipe close.
+
+Replies are written by a thread of their own, in order: a reply larger than the
+pipe (PP-OCR's 1.06 MB against 1 MiB) would otherwise hold the next job, already
+waiting on stdin, until the daemon had read the end of this one. onnxruntime
+releases the GIL while it computes, so the two overlap.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import argparse
 import contextlib
 import hashlib
 import os
+import queue
 import resource
 import signal
 import sys
+import threading
 import time
 from typing import Any, BinaryIO
 
@@ -129,23 +136,48 @@ def _widen_pipes(*streams: BinaryIO) -> None:
             fcntl.fcntl(stream.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
 
 
+Reply = tuple[dict[str, Any], list[Any]]
+
+
+def _write_replies(out: BinaryIO, replies: queue.SimpleQueue[Reply | None]) -> None:
+    while (item := replies.get()) is not None:
+        try:
+            _reply(out, *item)
+        except OSError:  # the daemon has gone (or closed our stdout): nobody to answer
+            os._exit(1)
+
+
 def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
     _widen_pipes(inp, out)
     runtime = Runtime(threads)
     _reply(out, {"ok": True, "ready": True, "pid": os.getpid()})
+    replies: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
+    writer = threading.Thread(target=_write_replies, args=(out, replies), name="replies")
+    writer.start()
+    try:
+        _serve_requests(inp, runtime, replies)
+    finally:
+        replies.put(None)  # written out, in order, before the worker exits
+        writer.join()
+    return 0
+
+
+def _serve_requests(
+    inp: BinaryIO, runtime: Runtime, replies: queue.SimpleQueue[Reply | None]
+) -> None:
     while True:
         prefix = _read_exact(inp, 4)
         if prefix is None:
-            return 0
+            return
         raw = _read_exact(inp, frames.header_length(prefix))
         if raw is None:
-            return 0
+            return
         header = frames.parse_header(raw)
         buffers = []
         for n in frames.buffer_sizes(header.get("inputs", [])):
             buf = _read_exact(inp, n) if n else b""
             if buf is None:
-                return 0
+                return
             buffers.append(buf)
         try:
             reply, data = runtime.run(header, buffers)
@@ -168,7 +200,7 @@ def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
                 [],
             )
         reply["key"] = header.get("key")
-        _reply(out, reply, data)
+        replies.put((reply, data))
 
 
 def main(argv: list[str] | None = None) -> int:
