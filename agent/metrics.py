@@ -2,7 +2,7 @@
 
 With the endpoint off (`agent.metrics_port = 0`, the default) every instrument is a
 null one and prometheus-client is never imported: it and the HTTP server modules it
-pulls in cost about 2 MB of the daemon's memory while the car drives, for numbers
+pulls in cost 1.6 MB of the daemon's memory while the car drives, for numbers
 nobody reads on a car without a local Prometheus (docs/performance.md, idle footprint).
 """
 

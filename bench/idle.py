@@ -157,7 +157,7 @@ def after_work(tmp: Path, seconds: float, jobs: int) -> dict[str, Any]:
             job_key=job_key,
             models=models,
             scenario=str(_charge_then_drive(tmp)),
-            agent="capacity = 4\nwork_request_interval_s = 0.2",
+            agent="capacity = 4",
             pki=pki,
             requester=requester,
         )

@@ -111,7 +111,7 @@ async def test_agent_is_ready_pings_the_watchdog_and_serves_metrics(
 
 def test_metrics_off_record_nothing_and_never_load_prometheus_client():
     """With `metrics_port = 0` (the default) every instrument takes its updates and records
-    nothing, and prometheus-client is never imported (it costs the daemon ~2 MB while driving);
+    nothing, and prometheus-client is never imported (1.6 MB of the daemon's memory);
     asking such metrics to serve is an error, not a silent no-op."""
     import subprocess
     import sys
