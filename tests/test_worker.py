@@ -348,3 +348,76 @@ async def test_a_reply_larger_than_the_pipe_is_drained_while_the_event_loop_is_b
     assert child.wait(timeout=10) == 0
     assert await replies.next() is None, "end of stream once the worker has gone"
     assert await replies.next() is None
+
+
+def _big_output_model(path: Path) -> HeldModel:
+    """A model whose one output is as large as its input asks: ConstantOfShape."""
+    import hashlib
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ConstantOfShape", ["shape"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    data = path.read_bytes()
+    return HeldModel(
+        "big", hashlib.sha256(data).hexdigest(), len(data), {"shape": InputSpec("int64", (1,))}
+    )
+
+
+async def test_an_output_too_large_for_a_result_is_refused_in_the_worker(tmp_path):
+    """A model whose output is over the 64 MiB one tensor may carry fails with a typed reason
+    before the bytes are sent to the daemon; the next job is served."""
+    from agent.inference import frames
+    from agent.wire.tensors import MAX_TENSOR_BYTES
+
+    assert frames.MAX_BUFFER_BYTES == MAX_TENSOR_BYTES
+    path = tmp_path / "big.onnx"
+    big = _big_output_model(path)
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    try:
+        small = await engine.run(
+            big, path, {"shape": Tensor.from_numpy(np.array([1000], np.int64))}, deadline_s=30
+        )
+        assert small["y"].shape == (1000,)
+        with pytest.raises(WireError) as err:
+            await engine.run(
+                big,
+                path,
+                {"shape": Tensor.from_numpy(np.array([17_000_000], np.int64))},  # 68 MB
+                deadline_s=30,
+            )
+        assert err.value.reason is Reason.RUNTIME_ERROR
+        assert "68000000 bytes, more than the 67108864" in err.value.detail
+        out = await engine.run(
+            DIGITS_MODEL,
+            MODELS / "digits.onnx",
+            {"X": Tensor.from_numpy(holdout()[0][:2])},
+            deadline_s=30,
+        )
+        assert out["label"].shape == (2,), "the next job is served"
+    finally:
+        await engine.stop()
+
+
+def test_a_reply_announcing_a_buffer_over_the_limit_is_not_read():
+    """Defence in depth on the daemon's side: a frame whose header announces more than one
+    tensor may hold (a worker gone wrong) is refused before any of it is read."""
+    import io
+    import json
+    import struct
+
+    from agent.inference.engine import read_frame
+
+    header = json.dumps({"ok": True, "outputs": [{"nbytes": 1 << 40}]}).encode()
+    stream = io.BytesIO(struct.pack("<I", len(header)) + header + b"x" * 16)
+    with pytest.raises(ValueError, match="a buffer of 1099511627776 bytes"):
+        read_frame(stream)
+    assert stream.tell() == 4 + len(header), "nothing of the buffer was read"

@@ -97,7 +97,7 @@ class _Replies:
             while True:
                 try:
                     frame = read_frame(stream)
-                except (OSError, ValueError):
+                except Exception:  # not a frame, or no memory for one: the worker is done for
                     frame = None
                 self._post(loop, frame)
                 if frame is None:

@@ -15,6 +15,10 @@ from typing import Any
 
 _LEN = struct.Struct("<I")
 MAX_HEADER = 1 << 20
+# The most one tensor may hold: the wire's limit (agent.wire.tensors.MAX_TENSOR_BYTES, kept
+# equal by a test; not imported, so that the worker does not load pydantic). A worker's
+# reply announcing more is refused before anything is read into the daemon.
+MAX_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 def encode(
@@ -40,4 +44,9 @@ def parse_header(raw: bytes) -> dict[str, Any]:
 
 
 def buffer_sizes(specs: list[dict[str, Any]]) -> list[int]:
-    return [int(s["nbytes"]) for s in specs]
+    """The buffers' byte lengths; ValueError for one over MAX_BUFFER_BYTES (or negative)."""
+    sizes = [int(s["nbytes"]) for s in specs]
+    for n in sizes:
+        if not 0 <= n <= MAX_BUFFER_BYTES:
+            raise ValueError(f"a buffer of {n} bytes (the most is {MAX_BUFFER_BYTES})")
+    return sizes

@@ -99,6 +99,12 @@ class Runtime:
         run_ms = (time.perf_counter() - started) * 1000
         specs, out = [], []
         for name, value in zip(names, values, strict=True):
+            if value.nbytes > frames.MAX_BUFFER_BYTES:
+                raise _RefusedError(
+                    "output_too_large",
+                    f"output {name!r} is {value.nbytes} bytes, more than the "
+                    f"{frames.MAX_BUFFER_BYTES} one tensor of a result may carry",
+                )
             arr = np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("<"))
             data = arr.data.cast("B")  # written as is: no copy into a bytes object
             specs.append(
