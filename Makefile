@@ -2,7 +2,7 @@
 #   make test    set up (venv, package, mosquitto) and run the suite
 #   make demo    set up and run the end-to-end demo
 #   make lint    ruff and mypy
-#   make bench   the benchmarks (about 8 minutes); JSON and a plot under bench/results/
+#   make bench   the benchmarks (about 9 minutes); JSON and a plot under bench/results/
 #   make soak    a thousand jobs while the car is unplugged and plugged in every 3 s
 #   make models  regenerate the shipped models (needs the models extra)
 

@@ -20,10 +20,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.wire.keys import KeyRing, write_private_key
+from agent.wire.keys import KeyRing, load_signing_key, write_private_key
+from agent.wire.mqtt import client_tls
+from broker.collector import Collector
+from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import make_policy, signed_policy
 from broker.provision import FleetPki
+from broker.queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "cache"
@@ -203,3 +207,36 @@ dir = "state"
 {agent}
 """)
     return path
+
+
+def fleet_node(
+    workdir: Path,
+    vehicle_id: str,
+    b: LocalMosquitto,
+    *,
+    job_key: Ed25519PrivateKey,
+    requester: X25519PrivateKey,
+    pki: FleetPki | None = None,
+    lease_s: float = 20.0,
+    max_attempts: int = 3,
+    lease_tick_s: float = 1.0,
+) -> tuple[FleetNode, JobQueue, Collector]:
+    """The real fleet node for one bench vehicle (made by `vehicle_config` in `workdir`): its
+    job queue, and a collector that verifies the vehicle's results and opens them with
+    `requester`. Over mutual TLS with `pki`, else plaintext to the loopback broker."""
+    queue = JobQueue(workdir / "fleet.db", lease_s=lease_s, max_attempts=max_attempts)
+    collector = Collector(
+        vehicles={vehicle_id: load_signing_key(workdir / vehicle_id / "vehicle.key").public_key()},
+        requester_key=requester,
+        digest_for=queue.assignment_digest,
+    )
+    node = FleetNode(
+        host="localhost" if pki else "127.0.0.1",
+        port=b.port,
+        tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
+        queue=queue,
+        signing_key=job_key,
+        collector=collector,
+        lease_tick_s=lease_tick_s,
+    )
+    return node, queue, collector

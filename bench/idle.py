@@ -31,15 +31,13 @@ import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.wire.keys import load_signing_key, raw_public
+from agent.wire.keys import raw_public
 from agent.wire.messages import Limits, ModelRef
-from agent.wire.mqtt import client_tls
 from agent.wire.tensors import Tensor
-from bench.common import REPO, broker, model_dir, vehicle_config, write_result
-from broker.collector import Collector
+from bench.common import REPO, broker, fleet_node, model_dir, vehicle_config, write_result
 from broker.fleet import FleetNode
 from broker.provision import provision
-from broker.queue import JobQueue, JobTemplate
+from broker.queue import JobTemplate
 
 VID = "idle-car"
 WORK_S = 15.0  # the "after work" car charges this long, then drives off
@@ -161,19 +159,8 @@ def after_work(tmp: Path, seconds: float, jobs: int) -> dict[str, Any]:
             pki=pki,
             requester=requester,
         )
-        queue = JobQueue(tmp / "queue.db", lease_s=20.0)
-        collector = Collector(
-            vehicles={VID: load_signing_key(tmp / VID / "vehicle.key").public_key()},
-            requester_key=requester,
-            digest_for=queue.assignment_digest,
-        )
-        node = FleetNode(
-            host="localhost",
-            port=b.port,
-            tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key),
-            queue=queue,
-            signing_key=job_key,
-            collector=collector,
+        node, queue, collector = fleet_node(
+            tmp, VID, b, job_key=job_key, requester=requester, pki=pki
         )
         entry = next(
             m

@@ -23,13 +23,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.control import request
-from agent.wire.keys import load_signing_key, raw_public
+from agent.wire.keys import raw_public
 from agent.wire.messages import Limits, ModelRef
 from agent.wire.tensors import Tensor
-from bench.common import broker, model_dir, vehicle_config, write_result
-from broker.collector import Collector
-from broker.fleet import FleetNode
-from broker.queue import JobQueue, JobTemplate
+from bench.common import broker, fleet_node, model_dir, vehicle_config, write_result
+from broker.queue import JobTemplate
 
 VID = "soak-car"
 
@@ -61,18 +59,14 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        queue = JobQueue(workdir / "fleet.db", lease_s=10, max_attempts=1000)
-        collector = Collector(
-            vehicles={VID: load_signing_key(workdir / VID / "vehicle.key").public_key()},
-            requester_key=requester,
-            digest_for=queue.assignment_digest,
-        )
-        node = FleetNode(
-            host="127.0.0.1",
-            port=b.port,
-            queue=queue,
-            signing_key=job_key,
-            collector=collector,
+        node, queue, collector = fleet_node(
+            workdir,
+            VID,
+            b,
+            job_key=job_key,
+            requester=requester,
+            lease_s=10,
+            max_attempts=1000,
             lease_tick_s=0.5,
         )
         template = JobTemplate(

@@ -414,10 +414,10 @@ def test_a_reply_announcing_a_buffer_over_the_limit_is_not_read():
     import json
     import struct
 
-    from agent.inference.engine import read_frame
+    from agent.inference.frames import read_frame
 
     header = json.dumps({"ok": True, "outputs": [{"nbytes": 1 << 40}]}).encode()
     stream = io.BytesIO(struct.pack("<I", len(header)) + header + b"x" * 16)
     with pytest.raises(ValueError, match="a buffer of 1099511627776 bytes"):
-        read_frame(stream)
+        read_frame(stream, "outputs")
     assert stream.tell() == 4 + len(header), "nothing of the buffer was read"

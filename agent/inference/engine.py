@@ -36,48 +36,18 @@ import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydantic import ValidationError
 
 from agent.core.admission import HeldModel
 from agent.inference import frames
+from agent.inference.frames import Frame
 from agent.logs import get_logger
 from agent.wire.errors import Reason, WireError
 from agent.wire.tensors import Tensor
 
 _START_TIMEOUT_S = 60.0
-
-Frame = tuple[dict[str, Any], list[bytes]]
-
-
-def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
-    """n bytes, or None at the end of the stream (the worker has gone)."""
-    chunks, got = [], 0
-    while got < n:
-        chunk = stream.read(n - got)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        got += len(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def read_frame(stream: BinaryIO) -> Frame | None:
-    """One reply frame (header and output buffers), or None at the end of the stream.
-    Raises ValueError for a frame that is not one."""
-    prefix = _read_exact(stream, 4)
-    raw = None if prefix is None else _read_exact(stream, frames.header_length(prefix))
-    if raw is None:
-        return None
-    header = frames.parse_header(raw)
-    buffers = []
-    for n in frames.buffer_sizes(header.get("outputs", [])):
-        buf = _read_exact(stream, n) if n else b""
-        if buf is None:
-            return None
-        buffers.append(buf)
-    return header, buffers
 
 
 class _Replies:
@@ -96,7 +66,7 @@ class _Replies:
         with open(fd, "rb", buffering=0) as stream:
             while True:
                 try:
-                    frame = read_frame(stream)
+                    frame = frames.read_frame(stream, "outputs")
                 except Exception:  # not a frame, or no memory for one: the worker is done for
                     frame = None
                 self._post(loop, frame)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any
+from typing import Any, BinaryIO, Literal
 
 _LEN = struct.Struct("<I")
 MAX_HEADER = 1 << 20
@@ -50,3 +50,36 @@ def buffer_sizes(specs: list[dict[str, Any]]) -> list[int]:
         if not 0 <= n <= MAX_BUFFER_BYTES:
             raise ValueError(f"a buffer of {n} bytes (the most is {MAX_BUFFER_BYTES})")
     return sizes
+
+
+Frame = tuple[dict[str, Any], list[bytes]]
+
+
+def read_exact(stream: BinaryIO, n: int) -> bytes | None:
+    """n bytes, or None if the stream ends first (the other side has gone)."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = stream.read(n - got)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        got += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def read_frame(stream: BinaryIO, buffers: Literal["inputs", "outputs"]) -> Frame | None:
+    """One frame: its header and the buffers its `buffers` list announces (a request's
+    inputs, a reply's outputs); None if the stream ends, even mid-frame. ValueError for a
+    frame that is not one, before any oversized part of it is read."""
+    prefix = read_exact(stream, 4)
+    raw = None if prefix is None else read_exact(stream, header_length(prefix))
+    if raw is None:
+        return None
+    header = parse_header(raw)
+    out = []
+    for n in buffer_sizes(header.get(buffers, [])):
+        buf = read_exact(stream, n) if n else b""
+        if buf is None:
+            return None
+        out.append(buf)
+    return header, out

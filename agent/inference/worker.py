@@ -37,18 +37,6 @@ def _limit_memory(megabytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes | None:
-    data = stream.read(n)
-    if not data:
-        return None
-    while len(data) < n:
-        more = stream.read(n - len(data))
-        if not more:
-            raise EOFError("stream closed mid-frame")
-        data += more
-    return data
-
-
 def _reply(out: BinaryIO, header: dict[str, Any], buffers: list[Any] | None = None) -> None:
     out.writelines(frames.encode(header, buffers or []))
     out.flush()
@@ -171,20 +159,8 @@ def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
 def _serve_requests(
     inp: BinaryIO, runtime: Runtime, replies: queue.SimpleQueue[Reply | None]
 ) -> None:
-    while True:
-        prefix = _read_exact(inp, 4)
-        if prefix is None:
-            return
-        raw = _read_exact(inp, frames.header_length(prefix))
-        if raw is None:
-            return
-        header = frames.parse_header(raw)
-        buffers = []
-        for n in frames.buffer_sizes(header.get("inputs", [])):
-            buf = _read_exact(inp, n) if n else b""
-            if buf is None:
-                return
-            buffers.append(buf)
+    while (frame := frames.read_frame(inp, "inputs")) is not None:
+        header, buffers = frame
         try:
             reply, data = runtime.run(header, buffers)
         except _RefusedError as exc:
