@@ -137,8 +137,8 @@ def _write_replies(out: BinaryIO, replies: queue.SimpleQueue[Reply | None]) -> N
     while (item := replies.get()) is not None:
         try:
             _reply(out, *item)
-        except OSError:  # the daemon has gone (or closed our stdout): nobody to answer
-            os._exit(1)
+        except BaseException:  # the daemon has gone, or we cannot answer it: stop at once,
+            os._exit(1)  # so that it sees a dead worker instead of waiting for a reply
 
 
 def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
