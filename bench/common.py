@@ -26,7 +26,7 @@ from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import make_policy, signed_policy
-from broker.provision import FleetPki
+from broker.provision import FleetPki, agent_broker_section
 from broker.queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,7 +155,6 @@ def vehicle_config(
     if pki is None:
         (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
         trust = 'trusted_job_keys = "trusted-job-keys.json"'
-        broker_section = f"tls = false  # a private plaintext broker on loopback\nport = {port}"
     else:
         root = Ed25519PrivateKey.generate()
         policy = make_policy(
@@ -167,11 +166,6 @@ def vehicle_config(
         )
         (d / "trust-policy.json").write_bytes(signed_policy(policy, [root]))
         trust = 'trust_policy = "trust-policy.json"'
-        identity = pki.vehicle(vehicle_id)
-        broker_section = (
-            f'tls = true\nhost = "localhost"\nport = {port}\nca_file = "{pki.ca}"\n'
-            f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
-        )
     path = d / "agent.toml"
     path.write_text(f"""
 [owner]
@@ -191,7 +185,7 @@ daily_energy_wh = 100000
 {limits}
 
 [broker]
-{broker_section}
+{agent_broker_section(pki, vehicle_id, port)}
 
 [keys]
 vehicle_key = "vehicle.key"

@@ -33,7 +33,7 @@ from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import DAY_S, make_policy, publish_policy, signed_policy
-from broker.provision import FleetPki, provision
+from broker.provision import FleetPki, agent_broker_section, provision
 from broker.queue import JobQueue, JobTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,16 +55,6 @@ VEHICLES = (
 )
 
 
-def _broker_section(pki: FleetPki | None, vehicle_id: str) -> str:
-    if pki is None:
-        return 'tls = false  # a private plaintext broker on loopback\nhost = "127.0.0.1"'
-    identity = pki.vehicle(vehicle_id)
-    return (
-        f'tls = true\nhost = "localhost"\nca_file = "{pki.ca}"\n'
-        f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
-    )
-
-
 def _vehicle_config(d: Path, v: DemoVehicle, port: int, pki: FleetPki | None) -> Path:
     path = d / "agent.toml"
     path.write_text(
@@ -84,8 +74,7 @@ resume_compute_temp_c = 80.0
 gate_hold_s = 0
 
 [broker]
-{_broker_section(pki, v.vehicle_id)}
-port = {port}
+{agent_broker_section(pki, v.vehicle_id, port)}
 
 [keys]
 vehicle_key = "vehicle.key"

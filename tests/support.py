@@ -27,7 +27,7 @@ from agent.wire.mqtt import NO_DELAY, client_tls
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from broker.policy import make_policy, signed_policy
-from broker.provision import FleetPki
+from broker.provision import FleetPki, agent_broker_section
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -125,8 +125,7 @@ gate_hold_s = {hold_s}
 {limits}
 
 [broker]
-{_broker_section(vehicle_id, pki)}
-port = {port}
+{agent_broker_section(pki, vehicle_id, port)}
 
 [keys]
 vehicle_key = "vehicle.key"
@@ -146,16 +145,6 @@ vehicle_poll_s = 0.02
 """
     )
     return VehicleFiles(vehicle_id, d / "agent.toml", key)
-
-
-def _broker_section(vehicle_id: str, pki: FleetPki | None) -> str:
-    if pki is None:
-        return 'tls = false  # a private plaintext broker on loopback\nhost = "127.0.0.1"'
-    identity = pki.vehicle(vehicle_id)
-    return (
-        f'tls = true\nhost = "localhost"\nca_file = "{pki.ca}"\n'
-        f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
-    )
 
 
 def fleet_client(port: int, pki: FleetPki | None = None, **kw: Any) -> aiomqtt.Client:
