@@ -204,17 +204,26 @@ def _policy_sign(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-async def _policy_publish(args: argparse.Namespace) -> int:
-    from agent.wire.mqtt import client_tls, is_loopback
-    from agent.wire.policy import load_root_policy
-    from broker.policy import publish_policy
-    from broker.provision import FleetPki
+def _plaintext_refused(args: argparse.Namespace) -> bool:
+    """True (and says so) when a fleet tool is asked to talk plaintext to a remote broker."""
+    from agent.wire.mqtt import is_loopback
 
     if args.pki is None and not is_loopback(args.host):
         print(
             f"refusing plaintext to {args.host}: give --pki (see edge-fleet provision)",
             file=sys.stderr,
         )
+        return True
+    return False
+
+
+async def _policy_publish(args: argparse.Namespace) -> int:
+    from agent.wire.mqtt import client_tls
+    from agent.wire.policy import load_root_policy
+    from broker.policy import publish_policy
+    from broker.provision import FleetPki
+
+    if _plaintext_refused(args):
         return ExitCode.USAGE
     raw = args.policy.read_bytes()
     policy = load_root_policy(raw)  # never publish something no vehicle would take
@@ -311,13 +320,7 @@ def _provision(args: argparse.Namespace) -> int:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from agent.wire.mqtt import is_loopback
-
-    if args.pki is None and not is_loopback(args.host):
-        print(
-            f"refusing plaintext to {args.host}: give --pki (see edge-fleet provision)",
-            file=sys.stderr,
-        )
+    if _plaintext_refused(args):
         return ExitCode.USAGE
     from broker.collector import Collector
     from broker.fleet import FleetNode

@@ -215,6 +215,10 @@ async def test_policy_cli_signs_offline_and_publishes_retained(tmp_path, mosquit
         "policy", "publish", "--policy", "p.json", "--port", str(mosquitto.port), cwd=tmp_path
     )
     assert published.returncode == 0, published.stderr
+    remote = _fleet_cli(  # refused before any connection: nothing is sent to 192.0.2.7
+        "policy", "publish", "--policy", "p.json", "--host", "192.0.2.7", cwd=tmp_path
+    )
+    assert remote.returncode == 2 and "refusing plaintext to 192.0.2.7" in remote.stderr
     async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
         await client.subscribe(POLICY_TOPIC, qos=1)
         message = await asyncio.wait_for(anext(aiter(client.messages)), timeout=5)
