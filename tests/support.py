@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.assembly import build_agent
 from agent.config import load_config
 from agent.daemon import Agent
+from agent.exitcodes import ExitCode
 from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.keys import KeyRing, key_id, raw_public, write_private_key
@@ -292,3 +295,17 @@ def burn_spec(
         limits=Limits(max_runtime_s=max_runtime_s),
         **overrides,
     )
+
+
+def refused_at_start(config_path: Path) -> str:
+    """Run `edge-agent run` on a config it must refuse: asserts it exits 78 (EX_CONFIG, so
+    systemd does not restart-loop) and returns what it printed about why."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert proc.returncode == ExitCode.CONFIG, proc.stdout + proc.stderr
+    return proc.stdout

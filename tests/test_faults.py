@@ -12,13 +12,19 @@ import time
 
 import pytest
 
-from agent.exitcodes import ExitCode
 from agent.state.jobs import JobStore
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.queue import JobQueue, JobTemplate
-from tests.support import BURN_REF, observing, running_agent, wait_for, write_vehicle
+from tests.support import (
+    BURN_REF,
+    observing,
+    refused_at_start,
+    running_agent,
+    wait_for,
+    write_vehicle,
+)
 
 pytestmark = pytest.mark.broker
 
@@ -208,15 +214,8 @@ def test_unwritable_state_directory_refuses_to_start(tmp_path, fleet):
     files = write_vehicle(tmp_path, "veh-nostate", port=1, fleet=fleet)
     blocker = files.config_path.parent / "state"
     blocker.write_text("a file where the state directory should be")
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == ExitCode.CONFIG
-    assert "state database" in proc.stdout and "writable" in proc.stdout
+    printed = refused_at_start(files.config_path)
+    assert "state database" in printed and "writable" in printed
 
 
 @pytest.mark.parametrize(("grace", "outcome"), [(10.0, "finished"), (0.3, "handed_back")])

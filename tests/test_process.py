@@ -13,7 +13,7 @@ import pytest
 
 from agent.exitcodes import ExitCode
 from broker.demo import run_demo
-from tests.support import wait_for, write_vehicle
+from tests.support import refused_at_start, wait_for, write_vehicle
 
 pytestmark = pytest.mark.broker
 
@@ -57,30 +57,16 @@ def test_agent_with_bad_config_exits_with_config_code(tmp_path):
     """`edge-agent run` on a bad config exits 78 (EX_CONFIG) so systemd does not restart-loop."""
     bad = tmp_path / "agent.toml"
     bad.write_text("[vehicle]\nid = 'x'\nwings = 2\n")
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == ExitCode.CONFIG
-    assert "vehicle.wings" in proc.stdout
+    printed = refused_at_start(bad)
+    assert "vehicle.wings" in printed
 
 
 def test_agent_with_missing_key_exits_with_config_code(tmp_path, fleet, mosquitto):
     """A config whose key file is missing is refused at start with the path named."""
     files = write_vehicle(tmp_path, "veh-nokey", port=mosquitto.port, fleet=fleet)
     (files.config_path.parent / "vehicle.key").unlink()
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == ExitCode.CONFIG
-    assert "vehicle.key" in proc.stdout
+    printed = refused_at_start(files.config_path)
+    assert "vehicle.key" in printed
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -108,12 +94,5 @@ def test_agent_refuses_files_others_could_change(tmp_path, fleet, mosquitto, tar
     start with exit 78 and the chmod that fixes it."""
     files = write_vehicle(tmp_path, "veh-perm", port=mosquitto.port, fleet=fleet)
     (files.config_path.parent / target).chmod(mode)
-    proc = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
-    assert proc.returncode == ExitCode.CONFIG
-    assert needle in proc.stdout and "chmod" in proc.stdout
+    printed = refused_at_start(files.config_path)
+    assert needle in printed and "chmod" in printed

@@ -54,6 +54,16 @@ def proc_state(pid: int) -> str:
         return "gone"
 
 
+def stops_using_cpu(pid: int, within_s: float = 1.0) -> bool:
+    """Whether the process is stopped (T), dead (Z) or gone within `within_s`. A tight poll
+    that never yields to the event loop: the agent gets no chance to act meanwhile. (A killed
+    process may show R for a moment while it waits for a core to die on.)"""
+    deadline = time.monotonic() + within_s
+    while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    return proc_state(pid) in ("T", "Z", "gone")
+
+
 async def test_worker_runs_the_model_like_onnxruntime():
     """Outputs from the worker equal onnxruntime's own, and the session is reused across jobs."""
     import onnxruntime as ort
@@ -177,10 +187,7 @@ async def test_kill_stops_compute_at_once():
         pid = engine.pid
         assert pid is not None
         engine.kill()
-        deadline = time.monotonic() + 1.0
-        while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
-            time.sleep(0.0005)  # noqa: ASYNC251 - a tight poll that must not yield to the agent
-        assert proc_state(pid) in ("T", "Z", "gone")
+        assert stops_using_cpu(pid)
         with pytest.raises(WireError):
             await run
         assert proc_state(pid) == "gone"
@@ -257,10 +264,7 @@ async def test_gate_close_preempts_the_real_worker_at_once(mosquitto, fleet, tmp
         pid = agent._engine.pid
         agent.set_vehicle({"gear": "D"})
         # How fast is for `make bench` to measure; here: it stops, without waiting on the job.
-        deadline = time.monotonic() + 1.0
-        while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
-            time.sleep(0.0005)  # noqa: ASYNC251 - a tight poll that must not yield to the agent
-        assert proc_state(pid) in ("T", "Z", "gone")
+        assert stops_using_cpu(pid)
         await wait_for(lambda: "preempted" in obs.kinds(), what="preempted event")
         assert next(e for e in obs.events if e["kind"] == "preempted")["reason"] == "not_parked"
         await asyncio.sleep(0.3)
@@ -280,10 +284,7 @@ async def test_gate_close_also_stops_a_staged_job(mosquitto, fleet, tmp_path):
         await wait_for(lambda: len(agent._engine._outstanding) == 2, what="job-2 staged")
         pid = agent._engine.pid
         agent.set_vehicle({"gear": "D"})
-        deadline = time.monotonic() + 1.0
-        while proc_state(pid) not in ("T", "Z", "gone") and time.monotonic() < deadline:
-            time.sleep(0.0005)  # noqa: ASYNC251 - a tight poll that must not yield to the agent
-        assert proc_state(pid) in ("T", "Z", "gone")
+        assert stops_using_cpu(pid)
         await wait_for(lambda: "preempted" in obs.kinds("job-1"), what="job-1 preempted")
         await wait_for(lambda: "released" in obs.kinds("job-2"), what="job-2 handed back")
         assert "running" not in obs.kinds("job-2")
