@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.core.schedule import AllowedHours, parse_window
+from agent.wire.codec import REGEX_ENGINE, exactly
 from agent.wire.mqtt import is_loopback
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
@@ -38,7 +39,7 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", regex_engine=REGEX_ENGINE)
 
 
 class OwnerSection(_Section):
@@ -99,7 +100,7 @@ class OwnerSection(_Section):
 
 
 class VehicleSection(_Section):
-    id: str = Field(pattern=f"^{VEHICLE_ID_PATTERN}$")
+    id: str = Field(pattern=exactly(VEHICLE_ID_PATTERN))
     source: Literal["emulated", "host"] = "emulated"
     scenario: Path | None = None
     time_scale: float = Field(default=1.0, gt=0, le=10_000)
@@ -237,7 +238,7 @@ class AgentSection(_Section):
 class AgentConfig(BaseModel):
     """The whole file. Sections: owner, vehicle, sensors, limits, broker, keys, models, state, agent."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", regex_engine=REGEX_ENGINE)
 
     owner: OwnerSection = OwnerSection()
     vehicle: VehicleSection

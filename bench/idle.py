@@ -4,12 +4,20 @@ The daemon is run as a car runs it: the console script the systemd unit starts
 (`edge-agent run`), from compiled bytecode as an installed package has it, with
 a car's config (mutual TLS to the broker, a root-signed trust policy, metrics
 off: the defaults), against a private mosquitto with the fleet's TLS and ACL.
-Three measurements:
+
+The unit starts /usr/bin/edge-agent: a console script of the operating system's
+python3 (a distribution package or a system-wide install), and that interpreter
+is the one measured where this machine has it in the venv's minor version, with
+the venv's packages on its path. Debian builds it statically and optimised; this
+checkout's venv may come from another build (pyenv links libpython as a shared
+library: 0.8 MB more resident), so one fresh run under the venv's interpreter is
+reported beside it.
 
 - **fresh**: started while driving (the target case): 60 s after a 5 s start-up;
 - **after work**: the car first charges and runs a few hundred jobs handed out by
   the real fleet node, then drives; measured once the worker is gone;
-- **metrics on**: fresh, with the Prometheus endpoint a rig would turn on.
+- **metrics on**: fresh, with the Prometheus endpoint a rig would turn on;
+- **venv python**: fresh, under the interpreter of this checkout's venv.
 """
 
 from __future__ import annotations
@@ -18,8 +26,10 @@ import asyncio
 import compileall
 import contextlib
 import json
+import os
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,11 +53,31 @@ VID = "idle-car"
 WORK_S = 15.0  # the "after work" car charges this long, then drives off
 
 
-def _command() -> list[str]:
-    script = Path(sys.executable).with_name("edge-agent")  # what the unit's ExecStart runs
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "agent.cli"]
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def system_python() -> str | None:
+    """The operating system's python3, if it has the venv's minor version (the venv's
+    compiled packages and bytecode then work under it), else None."""
+    if not SYSTEM_PYTHON.exists():
+        return None
+    version = subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return str(SYSTEM_PYTHON.resolve()) if version == str(sys.version_info[:2]) else None
+
+
+def _command(interpreter: str | None) -> tuple[list[str], dict[str, str]]:
+    """The unit's ExecStart (`edge-agent`), under `interpreter` or else the venv's own."""
+    python = interpreter or sys.executable
+    script = Path(sys.executable).with_name("edge-agent")
+    argv = [python, str(script)] if script.exists() else [python, "-m", "agent.cli"]
+    if interpreter is None:
+        return argv, dict(os.environ)
+    path = os.pathsep.join([str(REPO), sysconfig.get_paths()["purelib"]])
+    return argv, {**os.environ, "PYTHONPATH": path}
 
 
 def _compile() -> None:
@@ -58,9 +88,11 @@ def _compile() -> None:
 
 
 @contextlib.contextmanager
-def _daemon(config: Path) -> Iterator[psutil.Process]:
+def _daemon(config: Path, interpreter: str | None) -> Iterator[psutil.Process]:
+    argv, env = _command(interpreter)
     proc = subprocess.Popen(
-        [*_command(), "run", "--config", str(config)],
+        [*argv, "run", "--config", str(config)],
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -125,7 +157,7 @@ async def _hand_out_work(node: FleetNode, until: float) -> None:
             await task
 
 
-def fresh(tmp: Path, seconds: float, agent: str = "") -> dict[str, Any]:
+def fresh(tmp: Path, seconds: float, interpreter: str | None, agent: str = "") -> dict[str, Any]:
     pki = provision(tmp / "pki", [VID])
     with broker(tmp, pki=pki) as b:
         config = vehicle_config(
@@ -138,12 +170,12 @@ def fresh(tmp: Path, seconds: float, agent: str = "") -> dict[str, Any]:
             agent=agent,
             pki=pki,
         )
-        with _daemon(config) as p:
+        with _daemon(config, interpreter) as p:
             time.sleep(5.0)  # imports, TLS connection, policy, first gate decision
             return _measure(p, seconds)
 
 
-def after_work(tmp: Path, seconds: float, jobs: int) -> dict[str, Any]:
+def after_work(tmp: Path, seconds: float, jobs: int, interpreter: str | None) -> dict[str, Any]:
     pki = provision(tmp / "pki", [VID])
     job_key, requester = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
     models = model_dir(include_realistic=False)
@@ -181,7 +213,7 @@ def after_work(tmp: Path, seconds: float, jobs: int) -> dict[str, Any]:
                 ),
                 now=time.time(),
             )
-        with _daemon(config) as p:
+        with _daemon(config, interpreter) as p:
             asyncio.run(_hand_out_work(node, until=time.time() + WORK_S))
             deadline = time.monotonic() + 60
             while p.children() and time.monotonic() < deadline:
@@ -194,17 +226,28 @@ def after_work(tmp: Path, seconds: float, jobs: int) -> dict[str, Any]:
 
 def run(seconds: float) -> dict[str, Any]:
     _compile()
+    car = system_python()
     runs = {}
     with tempfile.TemporaryDirectory() as tmp:
-        runs["fresh"] = fresh(Path(tmp), seconds)
+        runs["fresh"] = fresh(Path(tmp), seconds, car)
     with tempfile.TemporaryDirectory() as tmp:
-        runs["after_work"] = after_work(Path(tmp), min(seconds, 30.0), jobs=400)
+        runs["after_work"] = after_work(Path(tmp), min(seconds, 30.0), jobs=400, interpreter=car)
     with tempfile.TemporaryDirectory() as tmp:
-        runs["metrics_on"] = fresh(Path(tmp), min(seconds, 20.0), agent="metrics_port = 9464")
+        runs["metrics_on"] = fresh(Path(tmp), min(seconds, 20.0), car, agent="metrics_port = 9464")
+    if car is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs["venv_python"] = fresh(Path(tmp), min(seconds, 20.0), None)
     return {
         **runs["fresh"],
         "runs": runs,
         "daemon": "edge-agent run: compiled bytecode, mutual TLS, trust policy, metrics off",
+        "interpreter": {
+            "path": car or sys.executable,
+            "why": "the operating system's python3, as the unit's /usr/bin/edge-agent runs"
+            if car
+            else "this checkout's venv (no system python3 of the same minor version here)",
+            "venv_python_run": sys.executable if car else None,
+        },
         "targets": {"rss_mb": "< 50", "cpu_pct": "< 0.2"},
     }
 
@@ -212,7 +255,7 @@ def run(seconds: float) -> dict[str, Any]:
 def main(seconds: float = 60.0) -> dict[str, Any]:
     data = run(seconds)
     write_result("idle", data)
-    print("\nidle footprint while driving (no worker)")
+    print(f"\nidle footprint while driving (no worker), under {data['interpreter']['path']}")
     print(f"{'run':<12}{'seconds':>8}{'RSS max MB':>11}{'USS MB':>8}{'CPU %':>8}{'workers':>8}")
     for name, r in data["runs"].items():
         print(

@@ -19,7 +19,7 @@ from pydantic import Field
 
 from agent.wire.codec import B64Bytes, WireModel, dump_model, parse_model
 from agent.wire.errors import Reason
-from agent.wire.messages import Limits, ModelRef
+from agent.wire.messages import NAME_RE, Limits, ModelRef
 from agent.wire.tensors import Tensor
 
 SCHEMA = """
@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS assignments (
 class JobTemplate(WireModel):
     """A job as submitted, before it is bound to a vehicle and signed."""
 
-    job_class: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    job_class: str = Field(pattern=NAME_RE)
     model: ModelRef
     inputs: dict[str, Tensor]
     limits: Limits

@@ -62,7 +62,7 @@ BAD_CASES = [
     ),
     pytest.param(
         ('id = "veh-001"', 'id = "veh/001"'),
-        "`vehicle.id` = 'veh/001': String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$'",
+        "`vehicle.id` = 'veh/001': String should match pattern '^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\\Z'",
         id="bad-vehicle-id",
     ),
     pytest.param(

@@ -4,6 +4,7 @@ control socket, key files and the command lines."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import shutil
@@ -13,11 +14,17 @@ import time
 
 import aiomqtt
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.control import _handle
 from agent.exitcodes import ExitCode
 from agent.inference.store import ModelStore, ModelStoreError
-from agent.wire.keys import KeyFileError, KeyRing
+from agent.wire.keys import KeyFileError, KeyRing, load_requester_key, load_signing_key
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.queue import JobQueue
@@ -78,6 +85,108 @@ def test_trusted_keys_file_errors_name_the_problem(tmp_path, content, needle):
     path.write_bytes(content)
     with pytest.raises(KeyFileError, match=needle):
         KeyRing.load(path)
+
+
+def _pem(key) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.binary(min_size=32, max_size=32), crlf=st.booleans())
+def test_private_keys_read_exactly_as_cryptography_reads_them(tmp_path_factory, seed, crlf):
+    """The daemon reads RFC 8410 PEM keys without cryptography's general loader: whatever
+    the seed and line endings, it gets the very key that loader gets, of the right type."""
+    tmp = tmp_path_factory.mktemp("keys")
+    for kind, load in (
+        (Ed25519PrivateKey, load_signing_key),
+        (X25519PrivateKey, load_requester_key),
+    ):
+        pem = _pem(kind.from_private_bytes(seed))
+        if crlf:
+            pem = pem.replace(b"\n", b"\r\n")
+        path = tmp / f"{kind.__name__}.key"
+        path.write_bytes(pem)
+        got = load(path)
+        expected = serialization.load_pem_private_key(pem, password=None)
+        assert isinstance(got, kind)
+        assert got.private_bytes_raw() == expected.private_bytes_raw()
+        assert got.public_key().public_bytes_raw() == expected.public_key().public_bytes_raw()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="no openssl command here")
+def test_a_key_made_by_openssl_is_read(tmp_path):
+    """An operator's `openssl genpkey -algorithm ed25519` key works as the vehicle key."""
+    path = tmp_path / "vehicle.key"
+    openssl = shutil.which("openssl")
+    assert openssl is not None
+    subprocess.run([openssl, "genpkey", "-algorithm", "ed25519", "-out", str(path)], check=True)
+    expected = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert load_signing_key(path).private_bytes_raw() == expected.private_bytes_raw()
+
+
+def _with_public_key(key: Ed25519PrivateKey) -> bytes:
+    """RFC 8410's other form (OneAsymmetricKey, version 1, with the public key): not what
+    cryptography or OpenSSL write, and one cryptography refuses; so must the agent."""
+    seed, public = key.private_bytes_raw(), key.public_key().public_bytes_raw()
+    body = (
+        bytes.fromhex("020101300506032b6570")
+        + bytes.fromhex("04220420")
+        + seed
+        + bytes.fromhex("812100")
+        + public
+    )
+    der = bytes([0x30, len(body)]) + body
+    return (
+        b"-----BEGIN PRIVATE KEY-----\n" + base64.encodebytes(der) + b"-----END PRIVATE KEY-----\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("make", "needle"),
+    [
+        (lambda: b"", "is not an unencrypted PEM private key"),
+        (lambda: b"\xff\x00 not a key", "is not an unencrypted PEM private key"),
+        (lambda: _pem(Ed25519PrivateKey.generate())[:-40], "is not an unencrypted PEM private key"),
+        (
+            lambda: _pem(Ed25519PrivateKey.generate()).replace(b"MC4C", b"MC4*"),
+            "is not an unencrypted PEM private key",
+        ),
+        (
+            lambda: Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"),
+            ),
+            "is not an unencrypted PEM private key",
+        ),
+        (
+            lambda: _pem(X25519PrivateKey.generate()),
+            "holds a X25519PrivateKey, expected an Ed25519",
+        ),
+        (
+            lambda: _pem(ec.generate_private_key(ec.SECP256R1())),
+            "holds a ECPrivateKey, expected an Ed25519",
+        ),
+        (
+            lambda: _with_public_key(Ed25519PrivateKey.generate()),
+            "is not an unencrypted PEM private key",
+        ),
+    ],
+    ids=["empty", "binary", "cut-short", "bad-base64", "encrypted", "x25519", "p256", "v2-form"],
+)
+def test_vehicle_key_file_errors_name_the_problem(tmp_path, make, needle):
+    """A vehicle key file that is not an unencrypted Ed25519 key is a KeyFileError naming the
+    file and what is wrong, the same whether the agent's own reader or cryptography's
+    general loader turned it down."""
+    path = tmp_path / "vehicle.key"
+    path.write_bytes(make())
+    with pytest.raises(KeyFileError, match=needle) as err:
+        load_signing_key(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(KeyFileError, match="cannot read key file"):
+        load_signing_key(tmp_path / "missing.key")
 
 
 def test_control_socket_requests_that_are_not_json_are_answered(tmp_path):

@@ -109,6 +109,34 @@ async def test_agent_is_ready_pings_the_watchdog_and_serves_metrics(
     assert {"STOPPING": "1", "STATUS": "stopping"} in messages
 
 
+def test_the_daemon_reads_its_key_without_the_general_key_loader(tmp_path):
+    """Everything `edge-agent run` imports, plus reading the vehicle key, leaves out
+    cryptography's serialization package and the key types it drags in (1.7 MB)."""
+    import subprocess
+    import sys
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from agent.wire.keys import write_private_key
+
+    key = Ed25519PrivateKey.generate()
+    write_private_key(tmp_path / "vehicle.key", key)
+    probe = f"""
+import sys
+from pathlib import Path
+import agent.assembly, agent.cli, agent.daemon
+from agent.wire.keys import load_signing_key
+key = load_signing_key(Path({str(tmp_path / "vehicle.key")!r}))
+print("public:", key.public_key().public_bytes_raw().hex())
+print("loaded:", sorted(m for m in sys.modules if m.endswith((".serialization", ".rsa", ".dsa"))))
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"public: {key.public_key().public_bytes_raw().hex()}" in out
+    assert "loaded: []" in out
+
+
 def test_metrics_off_record_nothing_and_never_load_prometheus_client():
     """With `metrics_port = 0` (the default) every instrument takes its updates and records
     nothing, and prometheus-client is never imported (1.6 MB of the daemon's memory);

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import importlib
 import json
+import pkgutil
 
 import numpy as np
 import pytest
@@ -11,10 +13,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from agent.wire import envelope
 from agent.wire.bundle import decode_result_body, encode_result_body, sign_result, verify_result
-from agent.wire.codec import dump_model, parse_model
+from agent.wire.codec import dump_model, exactly, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing, key_id
 from agent.wire.messages import SUITE, JobSpec, ResultBody, SealedResult
@@ -157,6 +160,9 @@ def test_job_spec_round_trips_and_refuses_coercion():
         ("expires_at", 0.0, "expires_at must be after issued_at"),
         ("vehicle_id", "a/b", "vehicle_id"),
         ("vehicle_id", "+", "vehicle_id"),
+        ("vehicle_id", "veh-1\n", "vehicle_id"),
+        ("job_id", "j1\n", "job_id"),
+        ("issuer", "0123456789abcdef\n", "issuer"),
         ("requester_key", base64.b64encode(b"short").decode(), "requester_key"),
         ("inputs", {}, "inputs"),
     ],
@@ -168,6 +174,46 @@ def test_job_spec_rejects_impossible_values_naming_the_field(field, value, needl
     with pytest.raises(WireError) as err:
         parse_model(json.dumps(raw).encode(), JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
     assert needle in err.value.detail
+
+
+def _models_of_the_agent_and_the_fleet() -> list[type[BaseModel]]:
+    for package in ("agent", "broker"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, prefix=f"{package}."):
+            importlib.import_module(info.name)
+    found, todo = [], list(BaseModel.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__module__.split(".")[0] in ("agent", "broker"):
+            found.append(cls)
+    return found
+
+
+def _patterns(schema: object) -> list[str]:
+    if isinstance(schema, dict):
+        own = [schema["pattern"]] if isinstance(schema.get("pattern"), str) else []
+        return own + [p for v in schema.values() for p in _patterns(v)]
+    if isinstance(schema, list | tuple):
+        return [p for v in schema for p in _patterns(v)]
+    return []
+
+
+def test_every_model_matches_patterns_whole_with_pythons_re():
+    """Every model of the agent and the fleet validates `pattern=` with Python's re (the
+    Rust engine costs the daemon 0.5 MB), and every pattern is anchored with \\Z: pydantic
+    searches, and re's `$` would let a value with a trailing newline through."""
+    models = _models_of_the_agent_and_the_fleet()
+    assert len(models) > 20
+    checked = 0
+    for cls in models:
+        assert cls.model_config.get("regex_engine") == "python-re", cls
+        for pattern in _patterns(cls.__pydantic_core_schema__):
+            assert pattern.startswith("^") and pattern.endswith("\\Z"), (cls, pattern)
+            checked += 1
+    assert checked > 20
+    with pytest.raises(ValueError, match="group the alternatives"):
+        exactly("a|b")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int64", "uint8", "bool"])

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.core.admission import HeldModel, InputSpec
 from agent.inference.modelcheck import DEFAULT_DOMAINS, ModelCheckError, check_model
+from agent.wire.codec import REGEX_ENGINE, exactly
 from agent.wire.errors import Reason, WireError
 
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
@@ -41,22 +42,22 @@ class ModelStoreError(Exception):
 
 
 class _ManifestInput(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", regex_engine=REGEX_ENGINE)
     dtype: str
     shape: tuple[int | None, ...]
 
 
 class _ManifestModel(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    file: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,128}$")  # a bare file name: no separators
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model_config = ConfigDict(frozen=True, extra="ignore", regex_engine=REGEX_ENGINE)
+    name: str = Field(pattern=exactly(r"[A-Za-z0-9_.-]{1,64}"))
+    file: str = Field(pattern=exactly(r"[A-Za-z0-9_.-]{1,128}"))  # a bare name: no separators
+    sha256: str = Field(pattern=exactly(r"[0-9a-f]{64}"))
     size: int = Field(gt=0)
     inputs: dict[str, _ManifestInput]
 
 
 class _Manifest(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    model_config = ConfigDict(frozen=True, extra="ignore", regex_engine=REGEX_ENGINE)
     version: int
     models: tuple[_ManifestModel, ...]
 

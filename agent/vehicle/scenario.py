@@ -30,6 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agent.vehicle.snapshot import Gear
+from agent.wire.codec import REGEX_ENGINE
 
 
 class ScenarioError(Exception):
@@ -37,7 +38,7 @@ class ScenarioError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", regex_engine=REGEX_ENGINE)
 
 
 class CarModel(_Strict):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 from pydantic import BaseModel, ConfigDict, PlainSerializer, ValidationError
 from pydantic.functional_validators import BeforeValidator
@@ -20,10 +20,25 @@ from agent.wire.errors import Reason, WireError
 M = TypeVar("M", bound=BaseModel)
 
 
+# Every model in the agent validates `pattern=` with Python's `re`, not pydantic-core's
+# Rust engine: the first Rust pattern costs the daemon about 0.5 MB of its 50 MB budget,
+# and `re` is loaded anyway. pydantic *searches* with it, and `re`'s `$` also matches
+# before a final newline, so patterns are written with `exactly`, which anchors with `\Z`.
+# tests/test_wire.py checks every model of the agent and the fleet for both.
+REGEX_ENGINE: Final = "python-re"
+
+
+def exactly(regex: str) -> str:
+    """A `pattern=` for the whole string and nothing more: "v1" plus a newline is not "v1"."""
+    if "|" in regex:
+        raise ValueError(f"group the alternatives of {regex!r} before anchoring it")
+    return f"^{regex}\\Z"
+
+
 class WireModel(BaseModel):
     """Base for every wire message: frozen, unknown fields refused, no type coercion."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, regex_engine=REGEX_ENGINE)
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

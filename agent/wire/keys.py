@@ -4,20 +4,29 @@ Ed25519 signs jobs (fleet) and results (vehicle); X25519 receives sealed
 results (requester). A key id is sha256(raw public key)[:16] in hex: a hint
 for finding the key, never a security decision. Private keys are PEM PKCS#8
 files written 0600; public keys travel as base64 of the raw 32 bytes.
+
+The vehicle reads one private key at start, in the one encoding this module (and
+`openssl genpkey`) writes: RFC 8410's PKCS#8, 16 fixed bytes then the 32-byte
+seed. That encoding is recognised exactly and handed to cryptography as raw
+bytes; anything else goes to cryptography's general PEM loader. The general
+loader's package imports every other key type (RSA, DSA, DH, EC, SSH, legacy
+ciphers): 1.7 MB of the daemon's resident memory while the car drives, against
+a 50 MB budget (docs/performance.md).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import os
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from pydantic import Field
 
-from agent.wire.codec import B64Bytes, WireModel, b64encode, dump_model, parse_model
+from agent.wire.codec import B64Bytes, WireModel, b64encode, dump_model, exactly, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
@@ -26,8 +35,16 @@ class KeyFileError(Exception):
     """Raised when a key file is missing, unreadable, or not the key it should be."""
 
 
+# RFC 8410 section 7: SEQUENCE { version 0, AlgorithmIdentifier { OID }, OCTET STRING {
+# OCTET STRING (32 bytes) } }, with no attributes and no public key: what cryptography
+# and OpenSSL write for these keys.
+_ED25519_PKCS8 = bytes.fromhex("302e020100300506032b657004220420")  # OID 1.3.101.112
+_X25519_PKCS8 = bytes.fromhex("302e020100300506032b656e04220420")  # OID 1.3.101.110
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PRIVATE KEY-----", b"-----END PRIVATE KEY-----"
+
+
 def raw_public(key: Ed25519PublicKey | X25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return key.public_bytes_raw()
 
 
 def key_id(key: Ed25519PublicKey | X25519PublicKey) -> str:
@@ -36,6 +53,8 @@ def key_id(key: Ed25519PublicKey | X25519PublicKey) -> str:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
     """Write `key` as PEM PKCS#8, readable by the owner only; refuses to overwrite."""
+    from cryptography.hazmat.primitives import serialization
+
     pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
@@ -52,10 +71,35 @@ def _read_private(path: Path) -> object:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+    key = _read_rfc8410(data)
+    if key is not None:
+        return key
+    from cryptography.hazmat.primitives import serialization
+
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+
+
+def _read_rfc8410(pem: bytes) -> Ed25519PrivateKey | X25519PrivateKey | None:
+    """The key, if `pem` is exactly an RFC 8410 PKCS#8 Ed25519 or X25519 key in one PEM block
+    (line breaks as any editor leaves them); None for anything else, decided by the general
+    loader."""
+    lines = pem.strip().splitlines()
+    if len(lines) < 3 or lines[0].strip() != _PEM_BEGIN or lines[-1].strip() != _PEM_END:
+        return None
+    try:
+        der = base64.b64decode(b"".join(line.strip() for line in lines[1:-1]), validate=True)
+    except (binascii.Error, ValueError):
+        return None
+    if len(der) != 48:
+        return None
+    if der[:16] == _ED25519_PKCS8:
+        return Ed25519PrivateKey.from_private_bytes(der[16:])
+    if der[:16] == _X25519_PKCS8:
+        return X25519PrivateKey.from_private_bytes(der[16:])
+    return None
 
 
 def load_signing_key(path: Path) -> Ed25519PrivateKey:
@@ -87,7 +131,7 @@ def x25519_public(raw: bytes) -> X25519PublicKey:
 
 
 class TrustedKey(WireModel):
-    keyid: str = Field(pattern=r"^[0-9a-f]{16}$")
+    keyid: str = Field(pattern=exactly(r"[0-9a-f]{16}"))
     public_key: B64Bytes = Field(min_length=32, max_length=32)
     name: str = Field(default="", max_length=128)
 
@@ -100,7 +144,7 @@ class TrustedKeysFile(WireModel):
 
 
 class VehicleKey(WireModel):
-    vehicle_id: str = Field(pattern=f"^{VEHICLE_ID_PATTERN}$")
+    vehicle_id: str = Field(pattern=exactly(VEHICLE_ID_PATTERN))
     public_key: B64Bytes = Field(min_length=32, max_length=32)
 
 

@@ -13,15 +13,16 @@ from typing import Final, Literal
 
 from pydantic import Field, model_validator
 
-from agent.wire.codec import B64Bytes, WireModel
+from agent.wire.codec import B64Bytes, WireModel, exactly
 from agent.wire.tensors import Tensor
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
 VehicleId = str
-VEHICLE_ID_RE = f"^{VEHICLE_ID_PATTERN}$"
-JOB_ID_RE = r"^[A-Za-z0-9_-]{1,64}$"
-SHA256_RE = r"^[0-9a-f]{64}$"
-NAME_RE = r"^[A-Za-z0-9_.-]{1,64}$"
+VEHICLE_ID_RE = exactly(VEHICLE_ID_PATTERN)
+JOB_ID_RE = exactly(r"[A-Za-z0-9_-]{1,64}")
+SHA256_RE = exactly(r"[0-9a-f]{64}")
+NAME_RE = exactly(r"[A-Za-z0-9_.-]{1,64}")
+KEY_ID_RE = exactly(r"[0-9a-f]{16}")
 
 MAX_JOB_LIFETIME_S = 7 * 24 * 3600.0
 MAX_INPUTS = 16
@@ -45,7 +46,7 @@ class JobFields(WireModel):
 
     job_id: str = Field(pattern=JOB_ID_RE)
     attempt: int = Field(ge=1, le=1000)
-    issuer: str = Field(pattern=r"^[0-9a-f]{16}$")
+    issuer: str = Field(pattern=KEY_ID_RE)
     issued_at: float = Field(ge=0, allow_inf_nan=False)
     expires_at: float = Field(ge=0, allow_inf_nan=False)
     vehicle_id: str = Field(pattern=VEHICLE_ID_RE)

@@ -29,7 +29,7 @@ from agent.wire import envelope
 from agent.wire.codec import B64Bytes, WireModel, dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing, TrustedKey, ed25519_public, key_id, raw_public
-from agent.wire.messages import NAME_RE, SHA256_RE
+from agent.wire.messages import KEY_ID_RE, NAME_RE, SHA256_RE
 
 POLICY_TYPE = "application/vnd.edge-fleet.policy.v1+json"
 MAX_POLICY_BYTES = 256 * 1024
@@ -39,7 +39,7 @@ class DelegatedKey(WireModel):
     """An online job-signing key, valid until `expires_at`, for these classes and models
     (empty: any)."""
 
-    keyid: str = Field(pattern=r"^[0-9a-f]{16}$")
+    keyid: str = Field(pattern=KEY_ID_RE)
     public_key: B64Bytes = Field(min_length=32, max_length=32)
     expires_at: float = Field(ge=0, allow_inf_nan=False)
     job_classes: tuple[str, ...] = Field(default=(), max_length=64)
