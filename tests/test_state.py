@@ -42,9 +42,32 @@ def test_a_damaged_result_file_is_dropped_and_counted(tmp_path):
     store = JobStore(tmp_path / "state.db")
     _put(store, "cut", BIG)
     keep = _put(store, "fine", b"ok")
-    (next((tmp_path / "outbox").iterdir())).write_bytes(BIG[:100])  # cut short
-    assert [s for s, *_ in store.outbox_batch()] == [keep]
-    assert store.damaged == 1 and store.outbox_size() == 1
+    store.close()
+    (next((tmp_path / "outbox").iterdir())).write_bytes(BIG[:100])  # cut short: power loss
+    again = JobStore(tmp_path / "state.db")
+    assert [s for s, *_ in again.outbox_batch()] == [keep]
+    assert again.damaged == 1 and again.outbox_size() == 1
+
+
+def test_the_latest_results_are_sent_from_memory_until_acknowledged(tmp_path):
+    """A result is published right after it is written: the latest ones, up to a memory
+    budget, are not read back from their files (here removed to prove it) until
+    acknowledged; the rest, and all of them after a restart, come from disk."""
+    kept = 4
+    store = JobStore(tmp_path / "state.db", memory_bytes=kept * (len(BIG) + 1))
+    seqs = [_put(store, f"j{i}", BIG + bytes([i])) for i in range(kept + 2)]
+    for path in (tmp_path / "outbox").iterdir():
+        path.unlink()
+    batch = store.outbox_batch()
+    assert [(s, p) for s, _, p, _, _ in batch] == [
+        (s, BIG + bytes([i])) for i, s in enumerate(seqs[:kept])
+    ]
+    assert store.damaged == 2  # the two kept on disk only had lost their files
+    store.outbox_remove(seqs[0])
+    assert [s for s, *_ in store.outbox_batch()] == seqs[1:kept]
+    store.close()
+    again = JobStore(tmp_path / "state.db")
+    assert again.outbox_batch() == [] and again.damaged == kept - 1
 
 
 def test_a_database_from_before_result_files_is_migrated(tmp_path):

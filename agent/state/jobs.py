@@ -16,6 +16,9 @@ One SQLite file (WAL) in the state directory, beside the energy ledger:
            as files in `outbox/` beside the database (the row names the file and its
            size): SQLite would write a 1 MB blob twice (WAL, then checkpoint) and churn
            its pages again on delete, about 6 ms of CPU per result against 0.5 ms.
+           The latest results written are also kept in memory (up to OUTBOX_MEMORY_BYTES)
+           until acknowledged, so the usual case, a result sent the moment it is sealed,
+           never reads its file back; the files are for a restart or a long outage.
 Blocking calls; the daemon runs them in a thread.
 """
 
@@ -51,10 +54,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 """
 OUTBOX_INLINE_MAX = 64 * 1024
+OUTBOX_MEMORY_BYTES = 8 * 1024 * 1024  # of results kept in memory as well as on disk
 
 
 class JobStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, memory_bytes: int = OUTBOX_MEMORY_BYTES) -> None:
         self._db = open_state_db(path, _SCHEMA)
         self._lock = threading.Lock()
         self._files = path.parent / "outbox"
@@ -63,6 +67,8 @@ class JobStore:
             if column not in columns:  # a database from before results were kept as files
                 self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
         self.damaged = 0  # outbox entries whose file was missing or cut short (power loss)
+        self._unsent: dict[int, bytes] = {}  # seq -> payload of the latest results written
+        self._unsent_room = memory_bytes
         self._remove_orphan_files()
 
     def _remove_orphan_files(self) -> None:
@@ -88,9 +94,17 @@ class JobStore:
         return {(str(j), int(a)): float(e) for j, a, e in rows}
 
     def remember(
-        self, job_id: str, attempt: int, expires_at: float, *, accepted: bool, now: float
+        self,
+        job_id: str,
+        attempt: int,
+        expires_at: float,
+        *,
+        accepted: bool,
+        now: float,
+        clock_floor: float | None = None,
     ) -> None:
-        """Record a verified job as seen, and journal it if it was accepted (one transaction)."""
+        """Record a verified job as seen, journal it if it was accepted, and raise the clock
+        floor to `clock_floor` if given: one transaction."""
         with self._lock, self._db:
             self._db.execute("BEGIN")
             self._db.execute(
@@ -101,6 +115,8 @@ class JobStore:
                     "INSERT OR REPLACE INTO journal VALUES (?, ?, 'accepted', ?)",
                     (job_id, attempt, now),
                 )
+            if clock_floor is not None:
+                self._raise_clock_floor(clock_floor)
 
     def clock_floor(self) -> float:
         """The latest issue time seen on a verified job: the agent never believes an earlier now."""
@@ -110,11 +126,14 @@ class JobStore:
 
     def raise_clock_floor(self, at: float) -> None:
         with self._lock:
-            self._db.execute(
-                "INSERT INTO meta VALUES ('clock_floor', ?) "
-                "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-                (at,),
-            )
+            self._raise_clock_floor(at)
+
+    def _raise_clock_floor(self, at: float) -> None:
+        self._db.execute(
+            "INSERT INTO meta VALUES ('clock_floor', ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+            (at,),
+        )
 
     # ---- trust policy ------------------------------------------------------
 
@@ -182,7 +201,13 @@ class JobStore:
             self._db.execute(
                 "DELETE FROM journal WHERE job_id = ? AND attempt = ?", (job_id, attempt)
             )
-            return int(cur.lastrowid or 0)
+            seq = int(cur.lastrowid or 0)
+        if file is not None:
+            with self._lock:
+                if len(payload) <= self._unsent_room:
+                    self._unsent[seq] = payload
+                    self._unsent_room -= len(payload)
+        return seq
 
     def outbox_batch(self, limit: int = 16) -> list[tuple[int, str, bytes, str, int]]:
         """The oldest results waiting: (seq, topic, payload, job_id, attempt). An entry whose
@@ -193,9 +218,12 @@ class JobStore:
                 "ORDER BY seq LIMIT ?",
                 (limit,),
             ).fetchall()
+            unsent = {row[0]: self._unsent[row[0]] for row in rows if row[0] in self._unsent}
         batch = []
         for seq, topic, payload, job_id, attempt, file, size in rows:
-            if file is not None:
+            if seq in unsent:
+                payload = unsent[seq]
+            elif file is not None:
                 try:
                     payload = (self._files / file).read_bytes()
                 except OSError:
@@ -209,6 +237,7 @@ class JobStore:
 
     def outbox_remove(self, seq: int) -> None:
         with self._lock:
+            self._unsent_room += len(self._unsent.pop(seq, b""))
             row = self._db.execute("SELECT file FROM outbox WHERE seq = ?", (seq,)).fetchone()
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         if row is not None and row[0] is not None:
