@@ -834,10 +834,10 @@ class Agent:
             await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
             return
         self._seen[(job.job_id, job.attempt)] = job.expires_at
+        floor = None
         if job.issued_at > self._clock_floor:
             # Admission bounded issued_at by now + skew, so one key cannot push this far ahead.
-            self._clock_floor = job.issued_at
-            await self._io(self._jobs.raise_clock_floor, job.issued_at)
+            self._clock_floor = floor = job.issued_at
         poisoned = self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES
         accept = (
             not poisoned and self.gate.is_open and not self._stopping and not self._queue.full()
@@ -850,6 +850,7 @@ class Agent:
             job.expires_at,
             accepted=accept,
             now=self._clock(),
+            clock_floor=floor,
         )
         if poisoned:
             await self._event(
@@ -981,19 +982,7 @@ class Agent:
         while True:
             done = await self._deliveries.get()
             try:
-                job = done.item.job
-                await self._record_energy(done.item, done.energy_wh, "succeeded")
-                sealed = await self._io(
-                    self._seal, done.item, done.outputs, done.runtime_ms, done.energy_wh
-                )
-                await self._io(
-                    self._jobs.finish_with_result,
-                    job.job_id,
-                    job.attempt,
-                    topic(self.vehicle_id, Channel.RESULTS),
-                    sealed,
-                    self._clock(),
-                )
+                await self._io(self._file_result, done, self.energy.day, self.energy.today_wh)
                 self._outbox_depth += 1
                 self._outbox_ready.set()
             finally:
@@ -1103,6 +1092,22 @@ class Agent:
         wh = self._book_energy(item)
         await self._record_energy(item, wh, outcome)
         return wh
+
+    def _file_result(self, done: _Finished, day: str, day_wh: float) -> None:
+        """On the I/O thread, in one go: book the job's energy, seal and sign its result, and
+        put it in the outbox as its journal entry closes."""
+        job = done.item.job
+        self._ledger.record_job(
+            job.job_id, job.attempt, day, done.energy_wh, self._clock(), "succeeded", day_wh
+        )
+        sealed = self._seal(done.item, done.outputs, done.runtime_ms, done.energy_wh)
+        self._jobs.finish_with_result(
+            job.job_id,
+            job.attempt,
+            topic(self.vehicle_id, Channel.RESULTS),
+            sealed,
+            self._clock(),
+        )
 
     def _seal(
         self, item: AcceptedJob, outputs: dict[str, Tensor], runtime_ms: float, energy_wh: float
