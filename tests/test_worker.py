@@ -164,7 +164,8 @@ async def test_memory_blowup_fails_the_job_not_the_daemon():
 
 
 async def test_swapped_model_file_is_refused_by_the_worker(tmp_path):
-    """The worker hashes the bytes it loads: a file that does not match its pin is never run."""
+    """The worker hashes the bytes it loads: a file that does not match its pin is never run.
+    Turning it down is an answer, not a crash: the same worker serves the next job."""
     fake = tmp_path / "burn.onnx"
     fake.write_bytes((MODELS / "digits.onnx").read_bytes())
     engine = WorkerEngine(threads=1, memory_mb=2048)
@@ -172,6 +173,34 @@ async def test_swapped_model_file_is_refused_by_the_worker(tmp_path):
         with pytest.raises(WireError) as err:
             await engine.run(BURN_MODEL, fake, burn_inputs(10), deadline_s=30)
         assert err.value.reason is Reason.MODEL_MISMATCH
+        pid = engine.pid
+        out = await engine.run(BURN_MODEL, MODELS / "burn.onnx", burn_inputs(10), deadline_s=30)
+        assert out["y"].shape == (256,)
+        assert engine.pid == pid and engine.starts == 1
+    finally:
+        await engine.stop()
+
+
+async def test_a_model_error_fails_the_job_and_keeps_the_worker_and_its_staged_job():
+    """onnxruntime refusing the inputs is the job's failure (runtime_error, its message); the
+    worker answered whole, so it keeps its sessions and the job staged behind runs there."""
+    engine = WorkerEngine(threads=1, memory_mb=2048)
+    digits = MODELS / "digits.onnx"
+    good = {"X": Tensor.from_numpy(holdout()[0][:2])}
+    bad = {"X": Tensor.from_numpy(np.ones((1, 63), np.float32))}  # the model wants 64 columns
+    try:
+        await engine.run(DIGITS_MODEL, digits, good, deadline_s=30)
+        pid = engine.pid
+        first = asyncio.ensure_future(engine.run(DIGITS_MODEL, digits, bad, deadline_s=30, key="a"))
+        await asyncio.sleep(0)  # it holds the engine and has written its request
+        assert await engine.stage("b", DIGITS_MODEL, digits, good)
+        with pytest.raises(WireError) as err:
+            await first
+        assert err.value.reason is Reason.RUNTIME_ERROR
+        assert "onnxruntime" in err.value.detail and "X" in err.value.detail
+        out = await engine.run(DIGITS_MODEL, digits, good, deadline_s=30, key="b")
+        assert out["label"].shape == (2,)
+        assert engine.pid == pid and engine.starts == 1
     finally:
         await engine.stop()
 
@@ -404,6 +433,7 @@ async def test_an_output_too_large_for_a_result_is_refused_in_the_worker(tmp_pat
             deadline_s=30,
         )
         assert out["label"].shape == (2,), "the next job is served"
+        assert engine.starts == 1, "by the same worker"
     finally:
         await engine.stop()
 

@@ -317,13 +317,22 @@ class WorkerEngine:
         deadline_s: float,
         key: str = "",
     ) -> dict[str, Tensor]:
-        """Run one request (or wait for the staged one with this key) and return its outputs."""
+        """Run one request (or wait for the staged one with this key) and return its outputs.
+
+        A job the worker turns down with a typed reply (the model's own error, an output too
+        large for a result, a model file off its pin) fails without costing the worker: its
+        answer was read whole, so it keeps its sessions and any job staged behind. One that
+        ran out of memory gets a fresh worker; one cancelled, past its deadline or crashed
+        leaves the pipe mid-frame, and the worker is killed."""
         async with self._lock:
             self.busy = True
             try:
-                return await self._run(
+                reply, buffers = await self._run(
                     key or f"run-{time.monotonic_ns()}", model, path, inputs, deadline_s
                 )
+                if reply.get("reason") == "memory_limit":  # answered, but its heap is suspect
+                    self.kill()
+                    await self._reap()
             except BaseException:
                 # Cancelled (preempted), timed out or crashed: the pipe may be mid-frame.
                 self.kill()
@@ -332,6 +341,7 @@ class WorkerEngine:
             finally:
                 self.busy = False
                 self._last_used = time.monotonic()
+        return _outputs(reply, buffers)
 
     async def _run(
         self,
@@ -340,7 +350,7 @@ class WorkerEngine:
         path: Path,
         inputs: Mapping[str, Tensor],
         deadline_s: float,
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Any], list[bytes]]:
         if self._outstanding and self._outstanding[0] != key:
             # Something staged was not run after all: its compute must not go on unasked.
             self._log.info("staged_job_discarded", staged=self._outstanding[0], running=key)
@@ -369,23 +379,27 @@ class WorkerEngine:
                 exchange.cancel()
                 with contextlib.suppress(asyncio.CancelledError, WireError):
                     await exchange
-        reply, buffers = exchange.result()
-        if not reply.get("ok"):
-            reason = str(reply.get("reason", "runtime_error"))
-            code = {
-                "model_mismatch": Reason.MODEL_MISMATCH,
-                "memory_limit": Reason.MEMORY_LIMIT,
-            }.get(reason, Reason.RUNTIME_ERROR)
-            raise WireError(code, str(reply.get("detail", ""))[:400])
-        try:
-            return {
-                spec["name"]: Tensor(dtype=spec["dtype"], shape=tuple(spec["shape"]), data=buf)
-                for spec, buf in zip(reply["outputs"], buffers, strict=True)
-            }
-        except ValidationError as exc:
-            raise WireError(
-                Reason.RUNTIME_ERROR, f"the model produced an output the wire cannot carry: {exc}"
-            ) from None
+        return exchange.result()
+
+
+def _outputs(reply: dict[str, Any], buffers: list[bytes]) -> dict[str, Tensor]:
+    """The outputs of a reply read whole, or the typed failure it reports."""
+    if not reply.get("ok"):
+        reason = str(reply.get("reason", "runtime_error"))
+        code = {
+            "model_mismatch": Reason.MODEL_MISMATCH,
+            "memory_limit": Reason.MEMORY_LIMIT,
+        }.get(reason, Reason.RUNTIME_ERROR)
+        raise WireError(code, str(reply.get("detail", ""))[:400])
+    try:
+        return {
+            spec["name"]: Tensor(dtype=spec["dtype"], shape=tuple(spec["shape"]), data=buf)
+            for spec, buf in zip(reply["outputs"], buffers, strict=True)
+        }
+    except ValidationError as exc:
+        raise WireError(
+            Reason.RUNTIME_ERROR, f"the model produced an output the wire cannot carry: {exc}"
+        ) from None
 
 
 def _describe(returncode: int | None) -> str:
