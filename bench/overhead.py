@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -243,6 +244,7 @@ async def measure(
         bare = [bare_rate(models / file, feeds, runs=jobs)]
         bare_steal = [steal_pct(s0, steal())]
         trials, cpu = [], dict.fromkeys(("daemon", "worker", "broker", "bench_fleet"), 0.0)
+        paired: list[tuple[float, float, float, float]] = []  # agent jobs, s; bare runs, s
         agent_jobs = agent_s = 0.0
         for _ in range(blocks):
             through = await aut.block(jobs)
@@ -251,6 +253,14 @@ async def measure(
             bare_steal.append(steal_pct(s0, steal()))
             (before, before_ms), (after, after_ms) = bare[-2], bare[-1]
             bare_per_s = (before + after) / 2
+            paired.append(
+                (
+                    through["jobs"],
+                    through["jobs"] / through["jobs_per_s"],
+                    2 * jobs,
+                    jobs / before + jobs / after,
+                )
+            )
             trials.append(
                 {
                     "bare_runs_per_s": round(bare_per_s, 2),
@@ -280,6 +290,7 @@ async def measure(
         "ratio": round(agent_per_s / bare_per_s, 4),
         "per_job_overhead_ms": round(1000 / agent_per_s - 1000 / bare_per_s, 3),
         "block_ratio_quartiles": [round(quantile(ratios, q), 4) for q in (0.25, 0.5, 0.75)],
+        "ratio_ci90": [round(r, 4) for r in bootstrap_ci90(paired)],
         "worker_busy_median": round(quantile(busy, 0.5), 3),
         "bare_median_ms": round(median([ms for _, ms in bare]), 3),
         "jobs_per_block": jobs,
@@ -291,6 +302,21 @@ async def measure(
         "blocks_at_or_above_target": sum(r >= TARGET for r in ratios),
         "all_blocks": trials,
     }
+
+
+def bootstrap_ci90(paired: list[tuple[float, float, float, float]]) -> tuple[float, float]:
+    """A 90 % interval for the ratio of totals: blocks (each with its bare runs before and
+    after) drawn with replacement, 2,000 times. It says how far this VM's swings leave the
+    measured ratio from the one a quieter machine would give."""
+    rng = random.Random(0)
+    ratios = []
+    for _ in range(2000):
+        draw = [rng.choice(paired) for _ in paired]
+        agent = sum(d[0] for d in draw) / sum(d[1] for d in draw)
+        bare = sum(d[2] for d in draw) / sum(d[3] for d in draw)
+        ratios.append(agent / bare)
+    ratios.sort()
+    return quantile(ratios, 0.05), quantile(ratios, 0.95)
 
 
 def quantile(ordered: list[float], q: float) -> float:
@@ -326,6 +352,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         if r["blocks"] > 1:
             print(
                 f"  ({name}: {r['blocks']} interleaved blocks of {r['jobs_per_block']} jobs; "
+                f"ratio 90 % interval {r['ratio_ci90']}; "
                 f"block ratios, quartiles {r['block_ratio_quartiles']}; "
                 f"worker busy {r['worker_busy_median']} of the time, median block)"
             )
