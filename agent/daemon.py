@@ -207,6 +207,7 @@ class Agent:
         self._executor_idle = asyncio.Event()
         self._job_running = asyncio.Event()
         self._preempt_reason = ""
+        self._preempted: AcceptedJob | None = None  # the job whose compute we stopped
         self._outstanding = 0  # jobs asked for and not yet arrived
         self._request_id = 0
         self._stopping = False
@@ -420,6 +421,7 @@ class Agent:
             self._engine.kill()  # compute stops here (also a staged job), before anything else
         if self._current is not None:
             self._preempt_reason = reason
+            self._preempted = self._current[0]
             self._current[1].cancel()
 
     # ---- the power cap -----------------------------------------------------
@@ -901,6 +903,7 @@ class Agent:
             if not run.done():
                 run.cancel()
             self._current = None
+            self._preempted = None
             self._job_running.clear()
         if run.cancelled():
             await self._close_energy(item, "preempted")
@@ -952,6 +955,11 @@ class Agent:
         try:
             outputs = compute.result()
         except WireError as err:
+            if self._preempted is item:
+                # We killed its worker. Our cancellation can be lost on the way (Python 3.11's
+                # wait_for, inside aiomqtt's publish, returns a result that arrived with it),
+                # but the job was preempted, not crashed: never a strike towards poison.
+                raise asyncio.CancelledError from None
             detail = err.detail
             if err.reason in (Reason.WORKER_CRASHED, Reason.MEMORY_LIMIT):
                 self._worker_crashes[job.job_id] += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -298,6 +299,42 @@ async def test_gate_close_preempts_the_real_worker_at_once(mosquitto, fleet, tmp
         assert next(e for e in obs.events if e["kind"] == "preempted")["reason"] == "not_parked"
         await asyncio.sleep(0.3)
         assert obs.results == []
+        assert agent.status()["current_job"] is None
+
+
+@pytest.mark.broker
+async def test_a_preemption_whose_cancellation_is_lost_is_still_a_preemption(
+    mosquitto, fleet, tmp_path
+):
+    """Python 3.11's asyncio.wait_for (inside aiomqtt's publish) swallows a cancellation that
+    arrives with the result it waits for. Found by `make soak`: a job preempted just as its
+    running event was acknowledged went on to find its worker killed, and failed as a worker
+    crash, a strike towards poison. It is a preemption, and no strike."""
+    from agent.wire.messages import EventKind
+
+    files = write_vehicle(tmp_path, "veh-lost", port=mosquitto.port, fleet=fleet)
+    async with observing(mosquitto.port, "veh-lost") as obs, running_agent(files) as agent:
+        event_soon = agent._event_soon
+        announcing = asyncio.Event()
+
+        async def swallowing(job, kind, reason=None, detail=""):
+            if kind is not EventKind.RUNNING:
+                await event_soon(job, kind, reason, detail)
+                return
+            announcing.set()
+            # The acknowledgement arrives with the cancellation; wait_for keeps the first.
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+
+        agent._event_soon = swallowing
+        await obs.send_job(signed(burn_spec(fleet, "veh-lost", rows=500_000), fleet.job_key))
+        await wait_for(announcing.is_set, what="the job running")
+        pid = agent._engine.pid
+        agent.set_vehicle({"gear": "D"})
+        assert stops_using_cpu(pid)
+        await wait_for(lambda: "preempted" in obs.kinds(), what="preempted event")
+        assert "failed" not in obs.kinds()
+        assert sum(agent._worker_crashes.values()) == 0
         assert agent.status()["current_job"] is None
 
 
