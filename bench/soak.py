@@ -4,6 +4,7 @@ The agent runs as its own process; the fleet node (dispatcher and collector) run
 Every 3 s the car's charge cable is pulled or put back through the control socket, so
 jobs are preempted and handed back over and over. The daemon's RSS and open file
 descriptors are sampled throughout; at the end every job must have exactly one result.
+The agent's log is read afterwards for the jobs that failed and why.
 """
 
 from __future__ import annotations
@@ -54,11 +55,13 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
             limits="power_cap_w = 2000",
             agent="capacity = 4",
         )
-        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log = workdir / "agent.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
         node, queue, collector = fleet_node(
             workdir,
             VID,
@@ -116,6 +119,7 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=20)
         counts = status.get("status", {}).get("counts", {})
+        failures = _failures(log)
         settled = [s for s in samples if s[0] >= 10.0] or samples
         return {
             "jobs": jobs,
@@ -125,6 +129,7 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
             "queue": queue.counts(),
             "cable_toggles": toggles,
             "agent_counts": counts,
+            "failures": failures[:20],
             "seconds": round(time.monotonic() - start, 1),
             "rss_mb": {
                 "after_10s": round(settled[0][1] / 2**20, 1),
@@ -137,6 +142,20 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
                 "max": max(s[2] for s in samples),
             },
         }
+
+
+def _failures(log: Path) -> list[dict[str, Any]]:
+    """The agent's job_failed events: job, reason, detail, time."""
+    import json
+
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        if '"job_failed"' not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            found.append({k: event.get(k) for k in ("timestamp", "job_id", "reason", "detail")})
+    return found
 
 
 def main(jobs: int = 1000, rows: int = 2000) -> dict[str, Any]:
