@@ -65,7 +65,7 @@ from agent.wire.messages import (
     VehicleStatus,
     WorkRequest,
 )
-from agent.wire.mqtt import NO_DELAY
+from agent.wire.mqtt import NO_DELAY, publish_acked
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import POLICY_TOPIC, Channel, topic
@@ -723,8 +723,8 @@ class Agent:
 
     async def _publish_status(self, client: aiomqtt.Client, *, online: bool) -> None:
         status = self.status_message(online=online)
-        await client.publish(
-            topic(self.vehicle_id, Channel.STATUS), dump_model(status), qos=1, retain=True
+        await publish_acked(
+            client, topic(self.vehicle_id, Channel.STATUS), dump_model(status), retain=True
         )
 
     async def _publish_statuses(self, client: aiomqtt.Client) -> None:
@@ -752,8 +752,8 @@ class Agent:
                     sent_at=self._clock(),
                 )
                 self._outstanding += free
-                await client.publish(
-                    topic(self.vehicle_id, Channel.WORK), dump_model(request), qos=1
+                await publish_acked(
+                    client, topic(self.vehicle_id, Channel.WORK), dump_model(request)
                 )
             try:
                 async with asyncio.timeout(interval):
@@ -1015,7 +1015,7 @@ class Agent:
                 await self._outbox_ready.wait()
                 continue
             for seq, topic_name, payload, job_id, attempt in batch:
-                await client.publish(topic_name, payload, qos=1)  # returns on PUBACK
+                await publish_acked(client, topic_name, payload)
                 await self._io(self._jobs.outbox_remove, seq)
                 self._outbox_depth = max(0, self._outbox_depth - 1)
                 # "succeeded" once the broker holds the result, not before.
@@ -1030,8 +1030,8 @@ class Agent:
                     kind=EventKind.SUCCEEDED,
                     at=self._clock(),
                 )
-                await client.publish(
-                    topic(self.vehicle_id, Channel.EVENTS), dump_model(event), qos=1
+                await publish_acked(
+                    client, topic(self.vehicle_id, Channel.EVENTS), dump_model(event)
                 )
             self._wake_requester.set()
 
@@ -1047,8 +1047,8 @@ class Agent:
                     kind=EventKind.HEARTBEAT,
                     at=self._clock(),
                 )
-                await client.publish(
-                    topic(self.vehicle_id, Channel.EVENTS), dump_model(event), qos=1
+                await publish_acked(
+                    client, topic(self.vehicle_id, Channel.EVENTS), dump_model(event)
                 )
 
     async def _report_interrupted(self) -> None:
@@ -1154,7 +1154,7 @@ class Agent:
                 await asyncio.sleep(0.05)
                 continue
             try:
-                await client.publish(topic_name, payload, qos=1)
+                await publish_acked(client, topic_name, payload)
             except aiomqtt.MqttError as exc:
                 self._log.warning("publish_retry", topic=topic_name, reason=str(exc))
                 await asyncio.sleep(0.2)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import importlib
 import json
 import pkgutil
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,7 @@ from agent.wire.codec import dump_model, exactly, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing, key_id
 from agent.wire.messages import SUITE, JobSpec, ResultBody, SealedResult
+from agent.wire.mqtt import publish_acked
 from agent.wire.sealing import open_sealed, result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, check_vehicle_id, parse_topic, topic
@@ -477,3 +481,45 @@ def test_a_result_bundle_or_an_unknown_key_is_not_a_job():
     with pytest.raises(WireError) as err:
         verify_job_bundle(result, trusted=RING, max_bytes=1 << 22)
     assert err.value.reason is Reason.WRONG_PAYLOAD_TYPE
+
+
+async def test_python_wait_for_loses_a_cancellation_that_arrives_with_its_result():
+    """The trap publish_acked closes: on Python 3.11, asyncio.wait_for (which aiomqtt's
+    publish awaits) returns the result and drops the cancellation when both arrive together."""
+    fut = asyncio.get_running_loop().create_future()
+    task = asyncio.ensure_future(asyncio.wait_for(fut, 10))
+    await asyncio.sleep(0)
+    fut.set_result("puback")
+    task.cancel()
+    if sys.version_info >= (3, 12):
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        assert await task == "puback"
+
+
+class _Publisher:
+    """aiomqtt's publish as Python 3.11 runs it when the PUBACK and a cancellation meet."""
+
+    def __init__(self, swallow: bool) -> None:
+        self.swallow, self.sent, self.waiting = swallow, [], asyncio.Event()
+
+    async def publish(self, topic, payload, qos, retain):
+        self.sent.append((topic, payload, qos, retain))
+        self.waiting.set()
+        if self.swallow:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(30)
+
+
+async def test_publish_acked_keeps_a_cancellation_the_client_swallowed():
+    client = _Publisher(swallow=True)
+    task = asyncio.ensure_future(publish_acked(client, "t", b"x", retain=True))
+    await client.waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert client.sent == [("t", b"x", 1, True)]
+    plain = _Publisher(swallow=False)
+    await publish_acked(plain, "t", b"y")  # acknowledged, nothing cancelled: returns
+    assert plain.sent == [("t", b"y", 1, False)]

@@ -1,4 +1,5 @@
-"""MQTT connection settings that both sides use.
+"""MQTT connection settings that both sides use, and a QoS 1 publish that keeps its task's
+cancellation.
 
 TCP_NODELAY: MQTT's small packets (PUBACK, a status, an event) otherwise wait
 behind Nagle's algorithm for the peer's delayed ACK: about 40 ms per QoS 1
@@ -8,10 +9,15 @@ it, so every client here passes these socket options.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import socket
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import aiomqtt
 
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
@@ -35,3 +41,19 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+async def publish_acked(
+    client: aiomqtt.Client, topic: str, payload: bytes, *, retain: bool = False
+) -> None:
+    """Publish at QoS 1 and return once the broker acknowledged it, unless the task was
+    cancelled meanwhile: then raise CancelledError, even if the acknowledgement came too.
+
+    aiomqtt waits for the PUBACK with asyncio.wait_for, which on Python 3.11 returns the
+    result when it and a cancellation arrive together, and the cancellation is lost (fixed
+    in 3.12). The task then runs on: a preempted job towards a worker already killed, a loop
+    of a stopping agent past its shutdown. The request is still counted on the task."""
+    await client.publish(topic, payload, qos=1, retain=retain)
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
