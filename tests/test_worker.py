@@ -378,7 +378,10 @@ async def test_power_cap_holds_on_the_real_worker(mosquitto, fleet, tmp_path):
         mean = sum(samples) / len(samples)
         assert mean <= 15.0 * 1.08
         assert mean >= 15.0 * 0.6, "capped, not stalled"
-        assert 0.25 < agent.governor.duty < 0.6
+        # Throttled by duty-cycling. How far depends on how much of a core the worker gets
+        # here, which the governor learns: 0.41-0.46 on a quiet VM (its full power is ~28 W),
+        # 0.71 once under the full suite's load (~19 W): so no tighter bound than this.
+        assert 0.25 < agent.governor.duty < 0.9
 
 
 _BIG_REPLY = """
