@@ -116,24 +116,17 @@ class JobStore:
                     (job_id, attempt, now),
                 )
             if clock_floor is not None:
-                self._raise_clock_floor(clock_floor)
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('clock_floor', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                    (clock_floor,),
+                )
 
     def clock_floor(self) -> float:
         """The latest issue time seen on a verified job: the agent never believes an earlier now."""
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'clock_floor'").fetchone()
         return 0.0 if row is None else float(row[0])
-
-    def raise_clock_floor(self, at: float) -> None:
-        with self._lock:
-            self._raise_clock_floor(at)
-
-    def _raise_clock_floor(self, at: float) -> None:
-        self._db.execute(
-            "INSERT INTO meta VALUES ('clock_floor', ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-            (at,),
-        )
 
     # ---- trust policy ------------------------------------------------------
 
