@@ -27,7 +27,7 @@ from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import key_id
 from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, WorkRequest
-from agent.wire.mqtt import NO_DELAY
+from agent.wire.mqtt import NO_DELAY, publish_acked
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
 from broker.queue import JobQueue, Lease
@@ -163,7 +163,7 @@ class FleetNode:
         for lease in leases:
             signed, digest = self.sign_job(lease, vehicle_id, now)
             self.queue.record_assignment(lease.job_id, lease.attempt, vehicle_id, digest, now)
-            await client.publish(topic(vehicle_id, Channel.JOBS), signed, qos=1)
+            await publish_acked(client, topic(vehicle_id, Channel.JOBS), signed)
         if leases:
             self._log.info("jobs_assigned", vehicle_id=vehicle_id, count=len(leases))
 

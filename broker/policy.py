@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.wire.keys import key_id, raw_public
-from agent.wire.mqtt import NO_DELAY
+from agent.wire.mqtt import NO_DELAY, publish_acked
 from agent.wire.policy import DelegatedKey, RequesterKey, TrustPolicy, sign_policy, trusted_key
 from agent.wire.topics import POLICY_TOPIC
 
@@ -80,4 +80,4 @@ async def publish_policy(
         socket_options=NO_DELAY,
         timeout=10,
     ) as client:
-        await client.publish(POLICY_TOPIC, raw, qos=1, retain=True)
+        await publish_acked(client, POLICY_TOPIC, raw, retain=True)
