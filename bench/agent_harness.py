@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from agent.config import load_config
 from agent.daemon import Agent
 from agent.wire import envelope
 from agent.wire.codec import dump_model
-from agent.wire.keys import key_id, raw_public
-from agent.wire.messages import JobSpec, Limits, ModelRef
+from agent.wire.messages import ModelRef
 from agent.wire.mqtt import NO_DELAY
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
-from bench.common import broker, model_dir, vehicle_config
+from bench.common import bench_job, broker, model_dir, model_ref, vehicle_config
 
 VID = "bench-car"
 
@@ -36,22 +34,17 @@ class Pusher:
 
     async def burn_job(self, rows: int) -> str:
         self.n += 1
-        now = time.time()
-        spec = JobSpec(
-            job_id=f"b{self.n:05d}",
-            attempt=1,
-            issuer=key_id(self.job_key.public_key()),
-            issued_at=now,
-            expires_at=now + 3600,
-            vehicle_id=VID,
-            job_class="bench",
-            model=self.burn,
-            inputs={
+        spec = bench_job(
+            f"b{self.n:05d}",
+            VID,
+            self.burn,
+            {
                 "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
                 "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
             },
-            limits=Limits(max_runtime_s=3600),
-            requester_key=raw_public(self.requester.public_key()),
+            job_key=self.job_key,
+            requester=self.requester,
+            max_runtime_s=3600,
         )
         raw = envelope.sign(envelope.JOB_TYPE, dump_model(spec), self.job_key)
         await self.client.publish(topic(VID, Channel.JOBS), raw, qos=1)
@@ -62,15 +55,8 @@ class Pusher:
 async def agent_with_pusher(
     workdir: Path, *, limits: str = "", agent: str = ""
 ) -> AsyncIterator[tuple[Agent, Pusher]]:
-    import json
-
     models = model_dir(include_realistic=False)
-    entry = next(
-        m
-        for m in json.loads((models / "manifest.json").read_text())["models"]
-        if m["name"] == "burn"
-    )
-    burn = ModelRef(name="burn", sha256=entry["sha256"], size=entry["size"])
+    burn = model_ref(models, "burn")
     job_key = Ed25519PrivateKey.generate()
     with broker(workdir) as b:
         config = vehicle_config(

@@ -20,8 +20,10 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.wire.keys import KeyRing, load_signing_key, write_private_key
+from agent.wire.keys import KeyRing, key_id, load_signing_key, raw_public, write_private_key
+from agent.wire.messages import JobSpec, Limits, ModelRef
 from agent.wire.mqtt import client_tls
+from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
@@ -117,6 +119,41 @@ def model_dir(include_realistic: bool) -> Path:
         )
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return folder
+
+
+def model_ref(models: Path, name: str) -> ModelRef:
+    """The pin of `name` in the model folder's manifest, as a job names it."""
+    entry = next(
+        m for m in json.loads((models / "manifest.json").read_text())["models"] if m["name"] == name
+    )
+    return ModelRef(name=name, sha256=entry["sha256"], size=entry["size"])
+
+
+def bench_job(
+    job_id: str,
+    vehicle_id: str,
+    model: ModelRef,
+    inputs: dict[str, Tensor],
+    *,
+    job_key: Ed25519PrivateKey,
+    requester: X25519PrivateKey,
+    max_runtime_s: float,
+) -> JobSpec:
+    """A first attempt of a `bench` job, issued now, valid for an hour."""
+    now = time.time()
+    return JobSpec(
+        job_id=job_id,
+        attempt=1,
+        issuer=key_id(job_key.public_key()),
+        issued_at=now,
+        expires_at=now + 3600,
+        vehicle_id=vehicle_id,
+        job_class="bench",
+        model=model,
+        inputs=inputs,
+        limits=Limits(max_runtime_s=max_runtime_s),
+        requester_key=raw_public(requester.public_key()),
+    )
 
 
 @contextlib.contextmanager

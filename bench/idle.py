@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import compileall
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -42,9 +41,17 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.wire.keys import raw_public
-from agent.wire.messages import Limits, ModelRef
+from agent.wire.messages import Limits
 from agent.wire.tensors import Tensor
-from bench.common import REPO, broker, fleet_node, model_dir, vehicle_config, write_result
+from bench.common import (
+    REPO,
+    broker,
+    fleet_node,
+    model_dir,
+    model_ref,
+    vehicle_config,
+    write_result,
+)
 from broker.fleet import FleetNode
 from broker.provision import provision
 from broker.queue import JobTemplate
@@ -194,12 +201,7 @@ def after_work(tmp: Path, seconds: float, jobs: int, interpreter: str | None) ->
         node, queue, collector = fleet_node(
             tmp, VID, b, job_key=job_key, requester=requester, pki=pki
         )
-        entry = next(
-            m
-            for m in json.loads((models / "manifest.json").read_text())["models"]
-            if m["name"] == "digits"
-        )
-        model = ModelRef(name="digits", sha256=entry["sha256"], size=entry["size"])
+        model = model_ref(models, "digits")
         rng = np.random.default_rng(4)
         for _ in range(jobs):
             queue.submit(

@@ -30,12 +30,19 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.wire import envelope
 from agent.wire.bundle import sign_job_bundle
 from agent.wire.codec import dump_model
-from agent.wire.keys import key_id, load_signing_key, raw_public
-from agent.wire.messages import JobSpec, Limits, ModelRef
+from agent.wire.keys import load_signing_key
 from agent.wire.mqtt import NO_DELAY
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
-from bench.common import broker, median, model_dir, vehicle_config, write_result
+from bench.common import (
+    bench_job,
+    broker,
+    median,
+    model_dir,
+    model_ref,
+    vehicle_config,
+    write_result,
+)
 from broker.collector import Collector
 
 VID = "bench-car"
@@ -103,9 +110,7 @@ class AgentUnderTest:
     its session) while bare `session.run` is measured in this process."""
 
     def __init__(self, models: Path, name: str, feeds: dict[str, np.ndarray], workdir: Path):
-        manifest = json.loads((models / "manifest.json").read_text())
-        entry = next(m for m in manifest["models"] if m["name"] == name)
-        self.ref = ModelRef(name=name, sha256=entry["sha256"], size=entry["size"])
+        self.ref = model_ref(models, name)
         self.feeds, self.workdir, self.models = feeds, workdir, models
         self.job_key, self.requester = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
         self.digests: dict[tuple[str, int, str], str] = {}
@@ -113,21 +118,17 @@ class AgentUnderTest:
         self.n = 0
 
     def sign(self, count: int) -> list[bytes]:
-        now, out = time.time(), []
+        out = []
         for _ in range(count):
             self.n += 1
-            spec = JobSpec(
-                job_id=f"j{self.n:05d}",
-                attempt=1,
-                issuer=key_id(self.job_key.public_key()),
-                issued_at=now,
-                expires_at=now + 3600,
-                vehicle_id=VID,
-                job_class="bench",
-                model=self.ref,
-                inputs={k: Tensor.from_numpy(v) for k, v in self.feeds.items()},
-                limits=Limits(max_runtime_s=60),
-                requester_key=raw_public(self.requester.public_key()),
+            spec = bench_job(
+                f"j{self.n:05d}",
+                VID,
+                self.ref,
+                {k: Tensor.from_numpy(v) for k, v in self.feeds.items()},
+                job_key=self.job_key,
+                requester=self.requester,
+                max_runtime_s=60,
             )
             if sum(t.nbytes for t in spec.inputs.values()) >= BUNDLE_FROM_BYTES:
                 raw, digest = sign_job_bundle(spec, self.job_key)  # as the fleet node sends it

@@ -25,24 +25,17 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from agent.control import request
 from agent.wire.keys import raw_public
-from agent.wire.messages import Limits, ModelRef
+from agent.wire.messages import Limits
 from agent.wire.tensors import Tensor
-from bench.common import broker, fleet_node, model_dir, vehicle_config, write_result
+from bench.common import broker, fleet_node, model_dir, model_ref, vehicle_config, write_result
 from broker.queue import JobTemplate
 
 VID = "soak-car"
 
 
 async def run(jobs: int, rows: int) -> dict[str, Any]:
-    import json
-
     models = model_dir(include_realistic=False)
-    entry = next(
-        m
-        for m in json.loads((models / "manifest.json").read_text())["models"]
-        if m["name"] == "burn"
-    )
-    burn = ModelRef(name="burn", sha256=entry["sha256"], size=entry["size"])
+    burn = model_ref(models, "burn")
     job_key, requester = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
     with tempfile.TemporaryDirectory() as tmp, broker(Path(tmp)) as b:
         workdir = Path(tmp)
