@@ -283,7 +283,7 @@ def env_overrides(
     prefix that names no section and key is refused rather than a misspelling ignored.
 
     Written here rather than taken from pydantic-settings: this rule is all the daemon needs
-    from it, and the daemon has a 50 MB memory budget it does not meet yet (docs/performance.md).
+    from it, and the daemon has a 50 MB memory budget with little room (docs/performance.md).
     """
     sections: dict[str, dict[str, Any]] = {}
     origin: dict[str, str] = {}
