@@ -68,7 +68,7 @@ class JobStore:
                 self._db.execute(f"ALTER TABLE outbox ADD COLUMN {column} {kind}")
         self.damaged = 0  # outbox entries whose file was missing or cut short (power loss)
         self._unsent: dict[int, bytes] = {}  # seq -> payload of the latest results written
-        self._unsent_room = memory_bytes
+        self._memory_bytes = memory_bytes
         self._remove_orphan_files()
 
     def _remove_orphan_files(self) -> None:
@@ -197,9 +197,9 @@ class JobStore:
             seq = int(cur.lastrowid or 0)
         if file is not None:
             with self._lock:
-                if len(payload) <= self._unsent_room:
+                held = sum(len(p) for p in self._unsent.values())
+                if held + len(payload) <= self._memory_bytes:
                     self._unsent[seq] = payload
-                    self._unsent_room -= len(payload)
         return seq
 
     def outbox_batch(self, limit: int = 16) -> list[tuple[int, str, bytes, str, int]]:
@@ -230,7 +230,7 @@ class JobStore:
 
     def outbox_remove(self, seq: int) -> None:
         with self._lock:
-            self._unsent_room += len(self._unsent.pop(seq, b""))
+            self._unsent.pop(seq, None)
             row = self._db.execute("SELECT file FROM outbox WHERE seq = ?", (seq,)).fetchone()
             self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         if row is not None and row[0] is not None:
