@@ -31,20 +31,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent import __version__
+from agent import BUILT_ON, __version__
 from agent.config import AgentConfig
 from agent.control import ControlError, serve_control
 from agent.core.admission import AdmissionContext, HeldModel, admit
-from agent.core.backoff import backoff_delays
+from agent.core.backoff import ReconnectBackoff
+from agent.core.clock import raised_floor, start_floor, trusted_now
 from agent.core.energy import EnergyMeter
-from agent.core.gate import Gate, GateDecision, GateInputs, GatePolicy
+from agent.core.gate import Gate, GateDecision, GateInputs, GatePolicy, GateReason
 from agent.core.governor import PowerGovernor
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
 from agent.logs import get_logger
 from agent.metrics import AgentMetrics
 from agent.state.jobs import JobStore
-from agent.state.ledger import EnergyLedger
+from agent.state.ledger import EnergyLedger, is_storage_error
 from agent.supervision import Notifier
 from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
@@ -53,7 +54,7 @@ from agent.wire import envelope
 from agent.wire.bundle import encode_result_body, is_bundle, sign_result, verify_job_bundle
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
-from agent.wire.keys import x25519_public
+from agent.wire.keys import sealable_x25519_public
 from agent.wire.messages import (
     SUITE,
     EventKind,
@@ -65,7 +66,7 @@ from agent.wire.messages import (
     VehicleStatus,
     WorkRequest,
 )
-from agent.wire.mqtt import NO_DELAY, publish_acked
+from agent.wire.mqtt import NO_DELAY, guard_packet_size, publish_acked
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import POLICY_TOPIC, Channel, topic
@@ -76,6 +77,9 @@ ENERGY_SAVE_EVERY_S = 5.0
 READY_AFTER_S = 3.0
 MAX_WORKER_CRASHES = 2
 PRUNE_EVERY_S = 600.0
+# A connection must stay up this long before the reconnect backoff starts again from its base.
+HEALTHY_AFTER_S = 30.0
+STATE_PROBE_EVERY_S = 1.0  # how often a failed state disk is tried again
 LOAD_WINDOW_S = 0.1
 
 _T = TypeVar("_T")
@@ -197,8 +201,18 @@ class Agent:
         self._pruned_at = clock()
         self._interrupted = jobs.interrupted()
         self._outbox_depth = jobs.outbox_size()
-        self._clock_floor = jobs.clock_floor()
+        held_policy = trust.policy
+        self._clock_floor = start_floor(
+            jobs.clock_floor(),
+            held_policy.policy.issued_at if held_policy is not None else None,
+            dt.datetime.fromisoformat(BUILT_ON).replace(tzinfo=dt.UTC).timestamp(),
+        )
         self._outbox_ready = asyncio.Event()
+        # A full or failing state disk: what failed, and results finished meanwhile that could
+        # not be filed (held in memory, filed when the disk takes writes again).
+        self._state_fault: str | None = None
+        self._state_probed_at = 0.0
+        self._unfiled: list[_Finished] = []
         self._client: aiomqtt.Client | None = None
         self._connected = asyncio.Event()
         self._wake_requester = asyncio.Event()
@@ -251,7 +265,7 @@ class Agent:
         except* _Shutdown:
             pass
         await self._engine.stop()
-        await self._io(self._ledger.save_day, self.energy.day, self.energy.today_wh)
+        await self._record(self._ledger.save_day, self.energy.day, self.energy.today_wh)
         self._io_thread.shutdown(wait=True)
         self._log.info("agent_stopped", **dict(self.counts))
 
@@ -259,6 +273,81 @@ class Agent:
         """Run `fn(*args, **kwargs)` on the agent's I/O thread, off the event loop."""
         call = functools.partial(fn, *args, **kwargs)
         return await asyncio.get_running_loop().run_in_executor(self._io_thread, call)
+
+    async def _record(self, fn: Callable[_P, Any], *args: _P.args, **kwargs: _P.kwargs) -> bool:
+        """A state write whose failure must end neither the job's handling nor the daemon: on
+        a full or failing disk the gate closes (state_disk_unavailable) and False is returned."""
+        try:
+            await self._io(fn, *args, **kwargs)
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            self._state_failed(exc, getattr(fn, "__name__", "write"))
+            return False
+        return True
+
+    def _state_failed(self, exc: BaseException, doing: str) -> None:
+        """The state disk refused a write: close the gate until a probe succeeds."""
+        self.counts["state_write_failed"] += 1
+        self.metrics.state_write_failures.inc()
+        if self._state_fault is None:
+            self._state_fault = f"{doing}: {type(exc).__name__}: {exc}"
+            self._state_probed_at = self._clock()
+            self._log.error(
+                "state_disk_unavailable",
+                doing=doing,
+                error=f"{type(exc).__name__}: {exc}",
+                state_dir=str(self.config.state.dir),
+                what_to_do="free space on the state disk (or replace it); the agent retries "
+                "every second and reopens the gate by itself",
+            )
+            self.observe(self._clock())
+
+    async def _probe_state(self) -> None:
+        """Try the state disk again; on success file the results held meanwhile and reopen."""
+        try:
+            await self._io(self._jobs.probe, self._clock())
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            return
+        held, self._unfiled = self._unfiled, []
+        for i, done in enumerate(held):
+            if not await self._file(done):
+                self._unfiled = held[i:] if not self._unfiled else self._unfiled + held[i + 1 :]
+                return
+        self._log.info("state_disk_recovered", was=self._state_fault, results_filed=len(held))
+        self._state_fault = None
+        self.observe(self._clock())
+        self._outbox_ready.set()
+
+    async def _file(self, done: _Finished) -> bool:
+        """Seal, sign and put one finished job in the outbox. A disk that refuses keeps the
+        result in memory (False); any other failure fails that job, typed, and only it."""
+        job = done.item.job
+        try:
+            await self._io(self._file_result, done, self.energy.day, self.energy.today_wh)
+        except WireError as err:  # the result cannot be sealed: the job fails, typed
+            await self._record(self._jobs.finish, job.job_id, job.attempt)
+            await self._event_soon(job, EventKind.FAILED, err.reason.value, err.detail)
+            return True
+        except Exception as exc:
+            if is_storage_error(exc):
+                self._state_failed(exc, "filing a result")
+                self._unfiled.append(done)
+                return False
+            self._log.exception("result_not_filed", job_id=job.job_id, attempt=job.attempt)
+            await self._record(self._jobs.finish, job.job_id, job.attempt)
+            await self._event_soon(
+                job,
+                EventKind.FAILED,
+                Reason.AGENT_ERROR.value,
+                f"sealing or filing the result failed: {type(exc).__name__}: {exc}",
+            )
+            return True
+        self._outbox_depth += 1
+        self._outbox_ready.set()
+        return True
 
     async def _stop_when(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -282,7 +371,7 @@ class Agent:
         while not self._queue.empty():
             item = self._queue.get_nowait()
             self._held.pop((item.job.job_id, item.job.attempt), None)
-            await self._io(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._record(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, "shutdown", "agent stopping")
         # Phase 3: flush the outbox while connected (what stays is sent at the next start).
         try:
@@ -316,7 +405,7 @@ class Agent:
         self._pruned_at = self._clock()
         for key in [k for k, expires in self._seen.items() if expires < now]:
             del self._seen[key]
-        await self._io(self._jobs.prune_seen, now)
+        await self._record(self._jobs.prune_seen, now)
 
     def trusted_now(self) -> float:
         """The system clock, but never earlier than the latest signed issue time seen: a clock
@@ -324,7 +413,7 @@ class Agent:
         now = self._clock()
         if now < self._clock_floor:
             self.counts["clock_behind_floor"] += 1
-        return max(now, self._clock_floor)
+        return trusted_now(now, self._clock_floor)
 
     def compute_load(self) -> float:
         """The worker's measured CPU use as a fraction of its threads, over contiguous windows
@@ -361,6 +450,7 @@ class Agent:
                 within_hours=self._hours.allows(local),
                 energy_today_wh=self.energy.today_wh,
                 trust_valid=self._trust.valid(self.trusted_now()),
+                state_writable=self._state_fault is None,
             )
         )
         self.last_snapshot = snap
@@ -389,11 +479,14 @@ class Agent:
             self.observe(now)
             if self._current is None:
                 await self._engine.stop_if_idle(time.monotonic())
+            if self._state_fault is not None and now - self._state_probed_at >= STATE_PROBE_EVERY_S:
+                self._state_probed_at = now
+                await self._probe_state()
             if now - self._pruned_at >= PRUNE_EVERY_S:
                 await self._prune_replay_record()
             if self._current is not None and now - self._energy_saved_at >= ENERGY_SAVE_EVERY_S:
                 self._energy_saved_at = now
-                await self._io(self._ledger.save_day, self.energy.day, self.energy.today_wh)
+                await self._record(self._ledger.save_day, self.energy.day, self.energy.today_wh)
             # Fast while computing (a close must stop compute at once); slower while the gate
             # is closed and nothing runs, where a second's delay in reopening costs nothing.
             busy = self.gate.is_open or self._current is not None
@@ -601,9 +694,24 @@ class Agent:
                 queue_limit=self._capacity * 4 + 16,
             )
 
+    @property
+    def _max_packet_bytes(self) -> int:
+        return self.config.agent.max_message_bytes + _PACKET_OVERHEAD
+
+    def _oversized_packet(self, announced: int) -> None:
+        """The broker announced a packet over our limit: we disconnect before reading it."""
+        self.counts["oversized_packets"] += 1
+        self.metrics.oversized_packets.inc()
+        self._log.error(
+            "oversized_packet_refused",
+            announced_bytes=announced,
+            limit_bytes=self._max_packet_bytes,
+            what="disconnected before reading it; reconnecting with backoff",
+        )
+
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        props.MaximumPacketSize = self.config.agent.max_message_bytes + _PACKET_OVERHEAD
+        props.MaximumPacketSize = self._max_packet_bytes
         offline = VehicleStatus(
             vehicle_id=self.vehicle_id,
             online=False,
@@ -633,10 +741,12 @@ class Agent:
         )
 
     async def _stay_connected(self) -> None:
-        delays = backoff_delays(base_s=0.5, cap_s=30.0)
+        backoff = ReconnectBackoff(base_s=0.5, cap_s=30.0, healthy_after_s=HEALTHY_AFTER_S)
         while True:
             try:
-                async with self._make_client() as client:
+                client = self._make_client()
+                guard_packet_size(client, self._max_packet_bytes, self._oversized_packet)
+                async with client:
                     self._client = client
                     await client.subscribe(topic(self.vehicle_id, Channel.JOBS), qos=1)
                     if self._trust.policy is not None:
@@ -644,7 +754,7 @@ class Agent:
                     self._connected.set()
                     if not self._ready_sent:
                         self._ready_sent = self._notifier.ready(self._status_line()) or True
-                    delays = backoff_delays(base_s=0.5, cap_s=30.0)
+                    backoff.connected(time.monotonic())
                     self._log.info(
                         "connected", broker=f"{self.config.broker.host}:{self.config.broker.port}"
                     )
@@ -662,7 +772,7 @@ class Agent:
                 self._connected.clear()
                 self._client = None
                 self._outstanding = 0
-            delay = next(delays)
+            delay = backoff.next_delay(time.monotonic())
             self.counts["reconnects"] += 1
             self.metrics.reconnects.inc()
             self._log.info("reconnect_wait", delay_s=round(delay, 2))
@@ -791,7 +901,7 @@ class Agent:
             return
         if new is None:
             return  # the retained copy of the policy already held, redelivered on connect
-        await self._io(self._jobs.save_policy, new.version, new.raw)
+        await self._record(self._jobs.save_policy, new.version, new.raw)
         self.counts["policy_accepted"] += 1
         self.metrics.policies.labels(outcome="accepted").inc()
         self.metrics.policy_version.set(new.version)
@@ -808,6 +918,7 @@ class Agent:
         """Verify, parse and admit one job message; accept, hand back, or reject it."""
         self._outstanding = max(0, self._outstanding - 1)
         job: JobSpec | None = None
+        stage = "parse"
         try:
             limit = self.config.agent.max_message_bytes
             if is_bundle(raw):  # a job with large inputs: signed header, then raw tensors
@@ -819,6 +930,7 @@ class Agent:
                 job = parse_model(
                     verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD
                 )
+            stage = "admit"
             self._trust.authorize(job, verified.keyid, self.trusted_now())
             owner = self.config.owner
             ctx = AdmissionContext(
@@ -835,17 +947,39 @@ class Agent:
         except WireError as err:
             await self._event(job, EventKind.REJECTED, err.reason.value, err.detail)
             return
+        except Exception as exc:  # one message never ends the daemon
+            await self._intake_failed(job, stage, exc)
+            return
+        try:
+            await self._take(job, model, verified.digest)
+        except Exception as exc:
+            if (job.job_id, job.attempt) in self._held:
+                self._log.exception("job_intake_failed_after_accept", job_id=job.job_id)
+            else:
+                await self._intake_failed(job, "accept", exc)
+        self._wake_requester.set()
+
+    async def _intake_failed(self, job: JobSpec | None, stage: str, exc: Exception) -> None:
+        """A fault of the agent's own while taking a job in: the job is refused, typed."""
+        self._log.exception("job_intake_failed", stage=stage, job_id=job.job_id if job else None)
+        await self._event(
+            job,
+            EventKind.REJECTED,
+            Reason.AGENT_ERROR.value,
+            f"the agent failed at {stage}: {type(exc).__name__}: {exc}",
+        )
+
+    async def _take(self, job: JobSpec, model: HeldModel, digest: str) -> None:
+        """Record a verified, admitted job, then accept it or hand it back."""
         self._seen[(job.job_id, job.attempt)] = job.expires_at
-        floor = None
-        if job.issued_at > self._clock_floor:
-            # Admission bounded issued_at by now + skew, so one key cannot push this far ahead.
-            self._clock_floor = floor = job.issued_at
+        floor = raised_floor(self._clock_floor, job.issued_at, self._clock())
+        self._clock_floor = floor
         poisoned = self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES
         accept = (
             not poisoned and self.gate.is_open and not self._stopping and not self._queue.full()
         )
         # Durable before anything is acted on: a replay after a crash is still caught.
-        await self._io(
+        recorded = await self._record(
             self._jobs.remember,
             job.job_id,
             job.attempt,
@@ -854,7 +988,14 @@ class Agent:
             now=self._clock(),
             clock_floor=floor,
         )
-        if poisoned:
+        if not recorded:  # not durably recorded, so not run: the fleet sends it elsewhere
+            await self._event(
+                job,
+                EventKind.RELEASED,
+                GateReason.STATE_DISK.value,
+                "the state disk refuses writes; the job was not recorded and is not run here",
+            )
+        elif poisoned:
             await self._event(
                 job,
                 EventKind.REJECTED,
@@ -868,11 +1009,10 @@ class Agent:
         elif self._queue.full():
             await self._event(job, EventKind.RELEASED, Reason.BUSY.value, "no free slot")
         else:
-            self._queue.put_nowait(AcceptedJob(job, model, verified.digest))
+            self._queue.put_nowait(AcceptedJob(job, model, digest))
             self._held[(job.job_id, job.attempt)] = job
             await self._event(job, EventKind.ACCEPTED)
             await self._stage_next()
-        self._wake_requester.set()
 
     # ---- running ----------------------------------------------------------
 
@@ -883,6 +1023,14 @@ class Agent:
             self._executor_idle.clear()
             try:
                 await self._execute_one(item)
+            except Exception as exc:  # one job never ends the daemon: it fails, typed
+                self._log.exception("job_handling_failed", job_id=item.job.job_id)
+                await self._event_soon(
+                    item.job,
+                    EventKind.FAILED,
+                    Reason.AGENT_ERROR.value,
+                    f"the agent failed running this job: {type(exc).__name__}: {exc}",
+                )
             finally:
                 self._held.pop((item.job.job_id, item.job.attempt), None)
 
@@ -891,7 +1039,7 @@ class Agent:
             if self._engine.has_work:
                 self._engine.kill()  # this job may have been staged: it must not compute
             reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
-            await self._io(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._record(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
             return
         run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
@@ -907,7 +1055,7 @@ class Agent:
             self._job_running.clear()
         if run.cancelled():
             await self._close_energy(item, "preempted")
-            await self._io(self._jobs.finish, item.job.job_id, item.job.attempt)
+            await self._record(self._jobs.finish, item.job.job_id, item.job.attempt)
         elif (exc := run.exception()) is not None:
             self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
             await self._close_energy(item, "failed")
@@ -944,7 +1092,7 @@ class Agent:
         try:
             await asyncio.sleep(0)  # let the run write its request (or find it staged)
             await self._stage_next()  # before the journal: its write may queue behind sealing
-            await self._io(self._jobs.mark, job.job_id, job.attempt, "running", self._clock())
+            await self._record(self._jobs.mark, job.job_id, job.attempt, "running", self._clock())
             await self._event_soon(job, EventKind.RUNNING)
             await asyncio.wait({compute})
         except BaseException:  # cancelled: preempted, or the agent is stopping
@@ -966,7 +1114,7 @@ class Agent:
                 if self._worker_crashes[job.job_id] >= MAX_WORKER_CRASHES:
                     detail += "; this job has now killed the worker twice and is not run here again"
             await self._close_energy(item, "failed")
-            await self._io(self._jobs.finish, job.job_id, job.attempt)
+            await self._record(self._jobs.finish, job.job_id, job.attempt)
             await self._event_soon(job, EventKind.FAILED, err.reason.value, detail)
             return
         runtime_ms = (time.perf_counter() - started) * 1000
@@ -986,21 +1134,31 @@ class Agent:
         )
 
     async def _deliver_results(self) -> None:
-        """Seal, sign and publish finished jobs, in order, off the executor's path."""
+        """Seal, sign and file finished jobs, in order, off the executor's path."""
         while True:
             done = await self._deliveries.get()
             try:
-                await self._io(self._file_result, done, self.energy.day, self.energy.today_wh)
-                self._outbox_depth += 1
-                self._outbox_ready.set()
+                if self._unfiled:  # the disk is refusing: keep the order, file them together
+                    self._unfiled.append(done)
+                else:
+                    await self._file(done)
             finally:
                 self._deliveries.task_done()
 
     async def _send_outbox(self, client: aiomqtt.Client) -> None:
         """Publish the outbox in order; a row goes only once the broker acknowledged it."""
         while True:
+            if self._state_fault is not None:  # rows cannot be removed once sent: wait
+                await asyncio.sleep(STATE_PROBE_EVERY_S)
+                continue
             damaged = self._jobs.damaged
-            batch = await self._io(self._jobs.outbox_batch)
+            try:
+                batch = await self._io(self._jobs.outbox_batch)
+            except Exception as exc:
+                if not is_storage_error(exc):
+                    raise
+                self._state_failed(exc, "reading the outbox")
+                continue
             if self._jobs.damaged > damaged:
                 lost = self._jobs.damaged - damaged
                 self._outbox_depth = max(0, self._outbox_depth - lost)
@@ -1015,8 +1173,24 @@ class Agent:
                 await self._outbox_ready.wait()
                 continue
             for seq, topic_name, payload, job_id, attempt in batch:
-                await publish_acked(client, topic_name, payload)
-                await self._io(self._jobs.outbox_remove, seq)
+                try:
+                    await publish_acked(client, topic_name, payload)
+                except aiomqtt.MqttError:
+                    raise  # the connection: the row stays and goes on the next one
+                except Exception as exc:  # this result only: it fails, the others go on
+                    self._log.exception("result_not_published", job_id=job_id, attempt=attempt)
+                    if await self._record(self._jobs.outbox_remove, seq):
+                        self._outbox_depth = max(0, self._outbox_depth - 1)
+                    await self._event_ids(
+                        job_id,
+                        attempt,
+                        EventKind.FAILED,
+                        Reason.AGENT_ERROR.value,
+                        f"publishing the result failed: {type(exc).__name__}: {exc}",
+                    )
+                    continue
+                if not await self._record(self._jobs.outbox_remove, seq):
+                    break  # sent, not yet removed: the collector drops the duplicate later
                 self._outbox_depth = max(0, self._outbox_depth - 1)
                 # "succeeded" once the broker holds the result, not before.
                 self.counts[EventKind.SUCCEEDED.value] += 1
@@ -1069,7 +1243,7 @@ class Agent:
                 at=self._clock(),
             )
             await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
-            await self._io(self._jobs.finish, job_id, attempt)
+            await self._record(self._jobs.finish, job_id, attempt)
 
     def _book_energy(self, item: AcceptedJob) -> float:
         """Close the job's energy account in the meter (a last sample at its end)."""
@@ -1084,7 +1258,7 @@ class Agent:
 
     async def _record_energy(self, item: AcceptedJob, wh: float, outcome: str) -> None:
         job = item.job
-        await self._io(
+        await self._record(
             self._ledger.record_job,
             job.job_id,
             job.attempt,
@@ -1132,7 +1306,11 @@ class Agent:
             energy_wh=energy_wh,
         )
         info = result_info(job.job_id, job.attempt, self.vehicle_id, item.digest)
-        ciphertext = seal(encode_result_body(body), x25519_public(job.requester_key), info)
+        try:
+            requester = sealable_x25519_public(job.requester_key)
+        except ValueError as exc:  # admission refuses these: this is the last line of defence
+            raise WireError(Reason.BAD_REQUESTER_KEY, str(exc)) from None
+        ciphertext = seal(encode_result_body(body), requester, info)
         sealed = SealedResult(
             job_id=job.job_id,
             attempt=job.attempt,
@@ -1178,6 +1356,25 @@ class Agent:
             detail=detail[:500],
             at=self._clock(),
             **ids,  # type: ignore[arg-type]
+        )
+        await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
+
+    async def _event_ids(
+        self, job_id: str, attempt: int, kind: EventKind, reason: str, detail: str
+    ) -> None:
+        """An event about a job known only by its ids (its spec is no longer held)."""
+        self.counts[kind.value] += 1
+        self.counts[f"{kind.value}:{reason}"] += 1
+        self.metrics.jobs.labels(kind=kind.value, reason=reason).inc()
+        self._log.warning(f"job_{kind.value}", reason=reason, detail=detail, job_id=job_id)
+        event = JobEvent(
+            vehicle_id=self.vehicle_id,
+            job_id=job_id,
+            attempt=attempt,
+            kind=kind,
+            reason=reason,
+            detail=detail[:500],
+            at=self._clock(),
         )
         await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
 

@@ -53,6 +53,8 @@ class AgentMetrics:
         self.policies: Counter | _Off = OFF
         self.policy_version: Gauge | _Off = OFF
         self.inbound_dropped: Counter | _Off = OFF
+        self.oversized_packets: Counter | _Off = OFF
+        self.state_write_failures: Counter | _Off = OFF
         self.duty: Gauge | _Off = OFF
         if enabled:
             self._build()
@@ -97,6 +99,16 @@ class AgentMetrics:
         self.inbound_dropped = Counter(
             "edge_agent_inbound_dropped",
             "MQTT messages dropped because the inbound queue was full (a flood)",
+            registry=r,
+        )
+        self.oversized_packets = Counter(
+            "edge_agent_oversized_packets",
+            "Connections dropped because the broker announced a packet over the agent's limit",
+            registry=r,
+        )
+        self.state_write_failures = Counter(
+            "edge_agent_state_write_failures",
+            "Writes to the state disk that failed (full or failing disk)",
             registry=r,
         )
         self.duty = Gauge("edge_agent_duty", "Power governor duty cycle", registry=r)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.core.backoff import backoff_delays
+from agent.core.backoff import ReconnectBackoff
 from agent.logs import get_logger
 from agent.wire import envelope
 from agent.wire.bundle import sign_job_bundle
@@ -73,7 +73,7 @@ class FleetNode:
 
     async def run(self) -> None:
         """Serve until cancelled, reconnecting (capped backoff, full jitter) when the broker goes."""
-        delays = backoff_delays(base_s=0.2, cap_s=5.0)
+        backoff = ReconnectBackoff(base_s=0.2, cap_s=5.0, healthy_after_s=30.0)
         while True:
             try:
                 async with aiomqtt.Client(
@@ -99,7 +99,7 @@ class FleetNode:
                         ]
                     )
                     self.ready.set()
-                    delays = backoff_delays(base_s=0.2, cap_s=5.0)
+                    backoff.connected(time.monotonic())
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client), name="fleet-receiver")
                         tg.create_task(self._expire_leases(), name="lease-expiry")
@@ -107,7 +107,7 @@ class FleetNode:
                 self.ready.clear()
                 self.reconnects += 1
                 self._log.warning("fleet_disconnected", reason=str(group.exceptions[0]))
-            await asyncio.sleep(next(delays))
+            await asyncio.sleep(backoff.next_delay(time.monotonic()))
 
     async def _expire_leases(self) -> None:
         while True:

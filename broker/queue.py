@@ -15,10 +15,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from agent.wire.codec import B64Bytes, WireModel, dump_model, parse_model
 from agent.wire.errors import Reason
+from agent.wire.keys import x25519_agreeable
 from agent.wire.messages import NAME_RE, Limits, ModelRef
 from agent.wire.tensors import Tensor
 
@@ -60,6 +61,12 @@ class JobTemplate(WireModel):
     limits: Limits
     requester_key: B64Bytes = Field(min_length=32, max_length=32)
     lifetime_s: float = Field(gt=0, le=7 * 24 * 3600)
+
+    @model_validator(mode="after")
+    def _sealable(self) -> JobTemplate:
+        if not x25519_agreeable(self.requester_key):
+            raise ValueError("requester_key is a low-order X25519 point: no result can be sealed")
+        return self
 
 
 @dataclass(frozen=True, slots=True)

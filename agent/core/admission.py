@@ -12,6 +12,7 @@ from collections.abc import Container, Mapping
 from dataclasses import dataclass
 
 from agent.wire.errors import Reason, WireError
+from agent.wire.keys import x25519_agreeable
 from agent.wire.messages import JobSpec
 from agent.wire.tensors import ITEMSIZE
 
@@ -85,6 +86,11 @@ def admit(job: JobSpec, signed_by: str, ctx: AdmissionContext) -> HeldModel:
             f"held copy is {model.sha256[:12]}.. size {model.size}",
         )
     check_inputs(job, model, ctx.max_input_bytes)
+    if not x25519_agreeable(job.requester_key):
+        raise WireError(
+            Reason.BAD_REQUESTER_KEY,
+            "the requester key is a low-order X25519 point: no result could be sealed to it",
+        )
     return model
 
 
@@ -112,4 +118,10 @@ def check_inputs(job: JobSpec, model: HeldModel, max_bytes: int) -> None:
                 Reason.BAD_INPUTS,
                 f"input {name} has shape {list(tensor.shape)}, the model wants "
                 f"{['?' if d is None else d for d in spec.shape]}",
+            )
+        if 0 in tensor.shape:
+            raise WireError(
+                Reason.BAD_INPUTS,
+                f"input {name} has shape {list(tensor.shape)}: an empty tensor has nothing "
+                "to compute",
             )

@@ -1,9 +1,11 @@
-"""Reconnect delays: capped exponential backoff with full jitter (pure)."""
+"""Reconnect delays: capped exponential backoff with full jitter, reset only by a connection
+that stayed healthy (pure)."""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 
 def backoff_delays(
@@ -25,3 +27,42 @@ def backoff_delays(
         yield rand.uniform(0.0, ceiling)
         if ceiling < cap_s:
             attempt += 1
+
+
+@dataclass
+class ReconnectBackoff:
+    """Delays between connection attempts that reset only after a connection stayed healthy.
+
+    A peer that accepts and then fails (a CONNACK, then the socket closed mid-PUBACK) must
+    not reset the backoff: resetting on every CONNACK made an agent reconnect 3-4 times a
+    second, forever. So the ceiling grows with every attempt (capped, full jitter, as
+    `backoff_delays`) and falls back to `base_s` only when the connection that just ended
+    had lasted `healthy_after_s`.
+    """
+
+    base_s: float = 0.5
+    factor: float = 2.0
+    cap_s: float = 30.0
+    healthy_after_s: float = 30.0
+    rng: random.Random = field(default_factory=random.Random)
+    _attempt: int = 0
+    _connected_at: float | None = None
+
+    def connected(self, now: float) -> None:
+        """A connection is up (CONNACK and subscriptions done) at `now`."""
+        self._connected_at = now
+
+    def next_delay(self, now: float) -> float:
+        """The wait before the next attempt, after a connection ended or failed at `now`."""
+        up_since, self._connected_at = self._connected_at, None
+        if up_since is not None and now - up_since >= self.healthy_after_s:
+            self._attempt = 0
+        ceiling = self.ceiling_s
+        if ceiling < self.cap_s:
+            self._attempt += 1
+        return self.rng.uniform(0.0, ceiling)
+
+    @property
+    def ceiling_s(self) -> float:
+        """The most the next delay can be."""
+        return min(self.cap_s, self.base_s * self.factor**self._attempt)

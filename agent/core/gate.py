@@ -9,6 +9,7 @@ Rules; each one that fails adds its reason, and any reason closes the gate at on
   - today's energy below the owner's daily allowance
   - every sensor readable (a fault closes the gate: fail safe)
   - the fleet's trust policy unexpired (an expired one admits no job: fail closed)
+  - the state disk writable (a job that cannot be recorded cannot be run or its result kept)
 The thresholds latch (hysteresis), and after any close the gate holds closed
 for `hold_s` before it may reopen, so a value hovering at a limit cannot make
 it flap. Closing is never delayed.
@@ -34,6 +35,7 @@ class GateReason(StrEnum):
     ENERGY_SPENT = "daily_energy_spent"
     SENSOR_FAULT = "sensor_fault"
     TRUST_EXPIRED = "trust_policy_expired"
+    STATE_DISK = "state_disk_unavailable"
     HOLDING = "holding_after_close"
 
 
@@ -58,6 +60,7 @@ class GateInputs:
     within_hours: bool = True
     energy_today_wh: float = 0.0
     trust_valid: bool = True
+    state_writable: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,7 @@ class Gate:
             (inputs.energy_today_wh >= p.daily_energy_wh, GateReason.ENERGY_SPENT),
             (bool(snap.faults), GateReason.SENSOR_FAULT),
             (not inputs.trust_valid, GateReason.TRUST_EXPIRED),
+            (not inputs.state_writable, GateReason.STATE_DISK),
         )
         reasons = [reason for failed, reason in rules if failed]
 

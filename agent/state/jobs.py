@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
 import uuid
 from pathlib import Path
@@ -89,7 +90,9 @@ class JobStore:
     def load_seen(self, now: float) -> dict[tuple[str, int], float]:
         """Every unexpired (job_id, attempt) seen, with its expiry; expired ones are dropped."""
         with self._lock:
-            self._db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
+            # Pruning is a write; on a full disk the agent still starts (its gate stays shut).
+            with contextlib.suppress(sqlite3.OperationalError):
+                self._db.execute("DELETE FROM seen WHERE expires_at < ?", (now,))
             rows = self._db.execute("SELECT job_id, attempt, expires_at FROM seen").fetchall()
         return {(str(j), int(a)): float(e) for j, a, e in rows}
 
@@ -181,20 +184,29 @@ class JobStore:
             self._files.mkdir(mode=0o700, exist_ok=True)
             file = f"{uuid.uuid4().hex}.bin"
             tmp = self._files / f"{file}.tmp"
-            with tmp.open("wb") as f:
-                f.write(payload)
-            os.replace(tmp, self._files / file)
-        with self._lock, self._db:
-            self._db.execute("BEGIN")
-            cur = self._db.execute(
-                "INSERT INTO outbox (topic, payload, job_id, attempt, created_at, file, size) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (topic, b"" if file else payload, job_id, attempt, now, file, len(payload)),
-            )
-            self._db.execute(
-                "DELETE FROM journal WHERE job_id = ? AND attempt = ?", (job_id, attempt)
-            )
-            seq = int(cur.lastrowid or 0)
+            try:
+                with tmp.open("wb") as f:
+                    f.write(payload)
+                os.replace(tmp, self._files / file)
+            except OSError:  # a full disk: nothing half-written stays behind
+                tmp.unlink(missing_ok=True)
+                raise
+        try:
+            with self._lock, self._db:
+                self._db.execute("BEGIN")
+                cur = self._db.execute(
+                    "INSERT INTO outbox (topic, payload, job_id, attempt, created_at, file, size) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (topic, b"" if file else payload, job_id, attempt, now, file, len(payload)),
+                )
+                self._db.execute(
+                    "DELETE FROM journal WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+                )
+                seq = int(cur.lastrowid or 0)
+        except sqlite3.Error:
+            if file is not None:
+                (self._files / file).unlink(missing_ok=True)
+            raise
         if file is not None:
             with self._lock:
                 held = sum(len(p) for p in self._unsent.values())
@@ -241,6 +253,29 @@ class JobStore:
         with self._lock:
             (n,) = self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()
         return int(n)
+
+    def probe(self, now: float, room_bytes: int = 256 * 1024) -> None:
+        """Raise what a full or failing disk raises (OSError, sqlite3.Error) unless the state
+        directory takes writes again: a transaction in the database, a checkpoint of its log,
+        and `room_bytes` written, synced and removed beside it."""
+        with self._lock:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute(
+                    "INSERT INTO meta VALUES ('probe', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (now,),
+                )
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        room = self._files.parent / f".probe-{uuid.uuid4().hex}"
+        try:
+            with room.open("wb") as f:
+                f.write(bytes(room_bytes))
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            with contextlib.suppress(OSError):
+                room.unlink()
 
     def close(self) -> None:
         with self._lock:

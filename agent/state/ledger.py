@@ -22,6 +22,19 @@ CREATE TABLE IF NOT EXISTS energy_jobs (
 """
 
 
+# The write-ahead log is checkpointed every 256 pages (1 MiB) and cut back to 1 MiB after
+# each checkpoint: on a small state partition an unbounded WAL fills the disk by itself.
+_BOUNDED_WAL = """
+PRAGMA wal_autocheckpoint=256;
+PRAGMA journal_size_limit=1048576;
+"""
+
+
+def is_storage_error(exc: BaseException) -> bool:
+    """True for what a full or failing state disk raises (ENOSPC, EIO, SQLITE_FULL, ...)."""
+    return isinstance(exc, (OSError, sqlite3.Error))
+
+
 class StateError(Exception):
     """Raised when the state directory or database cannot be used; says which path and why."""
 
@@ -32,6 +45,7 @@ def open_state_db(path: Path, schema: str) -> sqlite3.Connection:
         path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         db.executescript(schema)
+        db.executescript(_BOUNDED_WAL)
     except (OSError, sqlite3.Error) as exc:
         raise StateError(
             f"cannot open the state database {path}: {exc}; check that the state "

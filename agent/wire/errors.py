@@ -35,6 +35,8 @@ class Reason(StrEnum):
     # or no valid policy at all (expired: fail closed until a fresh one arrives).
     KEY_OUT_OF_SCOPE = "key_out_of_scope"
     REQUESTER_NOT_ALLOWED = "requester_not_allowed"
+    # A requester key no result can be sealed to (a low-order X25519 point).
+    BAD_REQUESTER_KEY = "bad_requester_key"
     POLICY_EXPIRED = "trust_policy_expired"
     # Not refusals of the message itself: the vehicle hands the job back.
     GATE_CLOSED = "gate_closed"
@@ -44,6 +46,9 @@ class Reason(StrEnum):
     RUNTIME_ERROR = "runtime_error"
     WORKER_CRASHED = "worker_crashed"
     MEMORY_LIMIT = "memory_limit"
+    # The agent itself failed while handling this job (a fault of ours, not of the job):
+    # the job fails with this reason and the daemon serves the next one.
+    AGENT_ERROR = "agent_error"
     # Refused because this job crashed the worker before: not retried here again.
     POISON_JOB = "poison_job"
 

@@ -130,6 +130,43 @@ def x25519_public(raw: bytes) -> X25519PublicKey:
         raise ValueError("not a 32-byte X25519 public key") from None
 
 
+# The u-coordinates of the points of small order on Curve25519 and its twist (libsodium's
+# blocklist, reduced mod p). A clamped X25519 scalar is a multiple of the cofactor 8, so the
+# shared secret with any of them is zero, which HPKE (and cryptography) refuse. Checked here by
+# arithmetic: building a probe key with cryptography would import its RSA module into the
+# idle daemon (1.7 MB). tests/test_wire.py checks this set against cryptography's exchange.
+_P25519 = 2**255 - 19
+_LOW_ORDER_U = frozenset(
+    {
+        0,
+        1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+        _P25519 - 1,
+    }
+)
+
+
+def x25519_agreeable(raw: bytes) -> bool:
+    """False for a key no shared secret can be agreed with (a point of low order, in any of
+    its encodings, or not 32 bytes): sealing a result to it would fail after the job ran."""
+    if len(raw) != 32:
+        return False
+    u = (int.from_bytes(raw, "little") & ((1 << 255) - 1)) % _P25519  # RFC 7748 decoding
+    return u not in _LOW_ORDER_U
+
+
+def sealable_x25519_public(raw: bytes) -> X25519PublicKey:
+    """The requester key in `raw`; ValueError if no result could be sealed to it."""
+    key = x25519_public(raw)
+    if not x25519_agreeable(raw):
+        raise ValueError(
+            "a low-order X25519 point (no shared secret can be agreed with it): "
+            "no result can be sealed to this key"
+        )
+    return key
+
+
 class TrustedKey(WireModel):
     keyid: str = Field(pattern=exactly(r"[0-9a-f]{16}"))
     public_key: B64Bytes = Field(min_length=32, max_length=32)

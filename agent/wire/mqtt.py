@@ -1,5 +1,5 @@
-"""MQTT connection settings that both sides use, and a QoS 1 publish that keeps its task's
-cancellation.
+"""MQTT connection settings that both sides use, a guard against packets over the size we
+accept, and a QoS 1 publish that keeps its task's cancellation.
 
 TCP_NODELAY: MQTT's small packets (PUBACK, a status, an event) otherwise wait
 behind Nagle's algorithm for the peer's delayed ACK: about 40 ms per QoS 1
@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,3 +58,42 @@ async def publish_acked(
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class OversizedPacketError(ConnectionError):
+    """Raised inside paho's read when the peer announces a packet larger than we accept; paho
+    treats it as a lost connection, so the client disconnects without reading the packet."""
+
+
+def guard_packet_size(
+    client: aiomqtt.Client, limit_bytes: int, on_oversized: Callable[[int], None]
+) -> None:
+    """Disconnect, before buffering, from a peer that announces a packet over `limit_bytes`.
+
+    The Maximum Packet Size we send in CONNECT binds an honest broker only: paho-mqtt reads
+    whatever remaining length a packet's fixed header announces (up to 256 MB) into memory
+    before anything else can look at it. paho decodes the remaining length first, then asks
+    its `_sock_recv` for the body; this wraps that call on the client's paho instance and
+    refuses the body while the decoded length is over the limit, so at most the fixed
+    header and what already sits in the socket buffer are ever read. `on_oversized` gets the
+    announced length. paho 2.x internals (`_sock_recv`, `_in_packet`), pinned by
+    aiomqtt>=2.5,<3; tests/adversarial/test_hostile_broker.py fails if they change.
+    """
+    paho = client._client
+    receive = paho._sock_recv
+    reported = False
+
+    def guarded(bufsize: int) -> bytes:
+        nonlocal reported
+        packet = paho._in_packet
+        if packet["have_remaining"] and packet["remaining_length"] > limit_bytes:
+            announced = int(packet["remaining_length"])
+            if not reported:
+                reported = True
+                on_oversized(announced)
+            raise OversizedPacketError(
+                f"peer announced a {announced}-byte packet (limit {limit_bytes})"
+            )
+        return receive(bufsize)
+
+    paho._sock_recv = guarded  # type: ignore[method-assign]

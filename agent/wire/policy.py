@@ -28,7 +28,14 @@ from pydantic import Field, model_validator
 from agent.wire import envelope
 from agent.wire.codec import B64Bytes, WireModel, dump_model, parse_model
 from agent.wire.errors import Reason, WireError
-from agent.wire.keys import KeyRing, TrustedKey, ed25519_public, key_id, raw_public
+from agent.wire.keys import (
+    KeyRing,
+    TrustedKey,
+    ed25519_public,
+    key_id,
+    raw_public,
+    x25519_agreeable,
+)
 from agent.wire.messages import KEY_ID_RE, NAME_RE, SHA256_RE
 
 POLICY_TYPE = "application/vnd.edge-fleet.policy.v1+json"
@@ -61,6 +68,15 @@ class DelegatedKey(WireModel):
 class RequesterKey(WireModel):
     name: str = Field(default="", max_length=128)
     public_key: B64Bytes = Field(min_length=32, max_length=32)
+
+    @model_validator(mode="after")
+    def _sealable(self) -> RequesterKey:
+        if not x25519_agreeable(self.public_key):
+            raise ValueError(
+                f"requester {self.name or '(unnamed)'}: the key is a low-order X25519 point; "
+                "no result can be sealed to it"
+            )
+        return self
 
 
 class TrustPolicy(WireModel):
