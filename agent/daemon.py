@@ -175,6 +175,9 @@ class Agent:
         self.energy = EnergyMeter(day=today, today_wh=ledger.day_total(today))
         self._energy_saved_at = 0.0
         self._energy_booked: set[tuple[str, int]] = set()
+        # The job whose compute the worker is doing: every interval of energy is booked to it.
+        self._energy_job: tuple[str, int] | None = None
+        self._load_window_closes = False  # the next load reading ends its window, however short
         # Jobs that killed the worker, and how often; two strikes and the job is not run here.
         self._worker_crashes: Counter[str] = Counter()
         self._load_mark: tuple[float, float] | None = None
@@ -434,7 +437,8 @@ class Agent:
             self._load_mark = (now, cpu)
             return self._load
         t0, c0 = self._load_mark
-        if now - t0 >= LOAD_WINDOW_S:
+        if now - t0 >= LOAD_WINDOW_S or (self._load_window_closes and now > t0):
+            self._load_window_closes = False
             self._load = max(0.0, min(1.0, (cpu - c0) / (now - t0) / self._engine.threads))
             self._load_mark = (now, cpu)
         return self._load
@@ -443,7 +447,13 @@ class Agent:
         """One look at the car: account energy, evaluate the gate, react to a change."""
         snap = self._vehicle.snapshot(now)
         local = self._local(now)
-        self.energy.sample(now, snap.compute_power_w, local.date().isoformat(), self._running_key())
+        self.energy.sample(
+            now,
+            snap.compute_power_w,
+            local.date().isoformat(),
+            self._energy_job,
+            snap.compute_energy_j,
+        )
         decision = self.gate.evaluate(
             GateInputs(
                 snap,
@@ -1039,9 +1049,16 @@ class Agent:
             if self._engine.has_work:
                 self._engine.kill()  # this job may have been staged: it must not compute
             reason = Reason.GATE_CLOSED.value if not self.gate.is_open else "shutdown"
+            if self._energy_job == (item.job.job_id, item.job.attempt):  # it was staged
+                await self._close_energy(item, "released")
+                self._energy_job = None
             await self._record(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(item.job, EventKind.RELEASED, reason, "not started")
             return
+        key = (item.job.job_id, item.job.attempt)
+        if self._energy_job != key:  # not already computing (staged behind the last job)
+            self._energy_boundary(self._energy_job)
+            self._energy_job = key
         run = asyncio.create_task(self._run_job(item), name=f"job:{item.job.job_id}")
         self._current = (item, run)
         self._job_running.set()
@@ -1055,15 +1072,17 @@ class Agent:
             self._job_running.clear()
         if run.cancelled():
             await self._close_energy(item, "preempted")
+            self._energy_job = None  # the worker was killed: nothing computes now
             await self._record(self._jobs.finish, item.job.job_id, item.job.attempt)
         elif (exc := run.exception()) is not None:
             self._log.error("job_crashed", job_id=item.job.job_id, error=repr(exc))
             await self._close_energy(item, "failed")
+            await self._record(self._jobs.finish, item.job.job_id, item.job.attempt)
             await self._event_soon(
                 item.job,
                 EventKind.FAILED,
-                Reason.RUNTIME_ERROR.value,
-                f"agent error: {type(exc).__name__}",
+                Reason.AGENT_ERROR.value,
+                f"the agent failed running this job: {type(exc).__name__}: {exc}",
             )
         if run.cancelled():
             await self._event_soon(
@@ -1108,6 +1127,14 @@ class Agent:
                 # wait_for, inside aiomqtt's publish, returns a result that arrived with it),
                 # but the job was preempted, not crashed: never a strike towards poison.
                 raise asyncio.CancelledError from None
+            if err.reason in (Reason.WORKER_KILLED, Reason.WORKER_UNAVAILABLE):
+                # Not the job's fault: handed back, no strike, no attempt used at the fleet.
+                await self._close_energy(item, "released")
+                await self._record(self._jobs.finish, job.job_id, job.attempt)
+                await self._event_soon(
+                    job, EventKind.RELEASED, err.reason.value, f"{err.detail}; job handed back"
+                )
+                return
             detail = err.detail
             if err.reason in (Reason.WORKER_CRASHED, Reason.MEMORY_LIMIT):
                 self._worker_crashes[job.job_id] += 1
@@ -1245,15 +1272,34 @@ class Agent:
             await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
             await self._record(self._jobs.finish, job_id, attempt)
 
+    def _energy_boundary(self, job: tuple[str, int] | None) -> None:
+        """A sample at a job's start or end: the interval up to now is booked to `job`, with
+        the worker's load measured up to this instant (the window closes here)."""
+        now = self._clock()
+        self._load_window_closes = True
+        snap = self._vehicle.snapshot(now)
+        self.last_snapshot = snap
+        self.energy.sample(
+            now,
+            snap.compute_power_w,
+            self._local(now).date().isoformat(),
+            job,
+            snap.compute_energy_j,
+        )
+
     def _book_energy(self, item: AcceptedJob) -> float:
-        """Close the job's energy account in the meter (a last sample at its end)."""
+        """Close the job's energy account at its end: what ran up to now is booked to it, and
+        what runs from now on to the job staged behind it, if the worker is already on it."""
         key = (item.job.job_id, item.job.attempt)
         if key in self._energy_booked:
             return self.energy.job_wh(key)
         self._energy_booked.add(key)
-        now = self._clock()
-        power = self.last_snapshot.compute_power_w if self.last_snapshot else 0.0
-        self.energy.sample(now, power, self._local(now).date().isoformat(), key)
+        self._energy_boundary(key)
+        nxt = self._engine.computing
+        self._energy_job = None
+        if nxt is not None and nxt != _request_key(item.job):
+            job_id, _, attempt = nxt.rpartition("#")
+            self._energy_job = (job_id, int(attempt))
         return self.energy.close_job(key)
 
     async def _record_energy(self, item: AcceptedJob, wh: float, outcome: str) -> None:

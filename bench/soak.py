@@ -1,16 +1,25 @@
-"""`make soak`: a thousand jobs while the car is unplugged and plugged in every few seconds.
+"""`make soak`: jobs through a real agent process while the car, or the machine, interrupts it.
 
-The agent runs as its own process; the fleet node (dispatcher and collector) runs here.
-Every 3 s the car's charge cable is pulled or put back through the control socket, so
-jobs are preempted and handed back over and over. The daemon's RSS and open file
-descriptors are sampled throughout; at the end every job must have exactly one result.
-The agent's log is read afterwards for the jobs that failed and why.
+Modes (`python -m bench.soak [--mode cable|kill-worker] [--jobs N]`):
+  cable        every 3 s the car's charge cable is pulled or put back through the control
+               socket, so jobs are preempted and handed back over and over;
+  kill-worker  every 0.3-2 s (at random) the inference worker is sent SIGKILL from outside,
+               as the OOM killer or an operator would.
+The fleet node (dispatcher and collector) runs here with the product's defaults: a job
+fails for good after 3 failures of its own, and preemptions, hand-backs and outside kills
+are not failures. The daemon's RSS and open file descriptors are sampled throughout; at the
+end every job must have exactly one result and none may have failed. The agent's log is
+read afterwards for the jobs that failed and why.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import os
+import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +42,7 @@ from broker.queue import JobTemplate
 VID = "soak-car"
 
 
-async def run(jobs: int, rows: int) -> dict[str, Any]:
+async def run(jobs: int, rows: int, mode: str = "cable") -> dict[str, Any]:
     models = model_dir(include_realistic=False)
     burn = model_ref(models, "burn")
     job_key, requester = Ed25519PrivateKey.generate(), X25519PrivateKey.generate()
@@ -62,7 +71,6 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
             job_key=job_key,
             requester=requester,
             lease_s=10,
-            max_attempts=1000,
             lease_tick_s=0.5,
         )
         template = JobTemplate(
@@ -81,18 +89,29 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
         fleet = asyncio.create_task(node.run(), name="fleet")
         sock = workdir / VID / "state" / "control.sock"
         samples: list[tuple[float, int, int]] = []
-        toggles = 0
+        toggles = kills = 0
         start = time.monotonic()
+        rng = random.Random(7)
         try:
             daemon = psutil.Process(proc.pid)
             plugged = True
             next_toggle = start + 3.0
-            while len(collector.results) < jobs and time.monotonic() - start < 900:
-                await asyncio.sleep(0.5)
-                samples.append(
-                    (round(time.monotonic() - start, 1), daemon.memory_info().rss, daemon.num_fds())
-                )
-                if time.monotonic() >= next_toggle and sock.exists():
+            next_kill = start + rng.uniform(0.3, 2.0)
+            sampled_at = 0.0
+            while (
+                len(collector.results) + queue.counts().get("failed", 0) < jobs
+                and time.monotonic() - start < 900
+            ):
+                await asyncio.sleep(0.05)
+                if time.monotonic() - sampled_at >= 0.5:
+                    sampled_at = time.monotonic()
+                    samples.append(
+                        (round(sampled_at - start, 1), daemon.memory_info().rss, daemon.num_fds())
+                    )
+                if mode == "kill-worker" and time.monotonic() >= next_kill:
+                    kills += _kill_worker(daemon)
+                    next_kill = time.monotonic() + rng.uniform(0.3, 2.0)
+                if mode == "cable" and time.monotonic() >= next_toggle and sock.exists():
                     plugged = not plugged
                     reply = await asyncio.to_thread(
                         request, sock, {"op": "set", "fields": {"plugged_in": plugged}}
@@ -115,12 +134,15 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
         failures = _failures(log)
         settled = [s for s in samples if s[0] >= 10.0] or samples
         return {
+            "mode": mode,
             "jobs": jobs,
             "rows_per_job": rows,
             "results": len(collector.results),
             "duplicates_suppressed": collector.duplicates,
             "queue": queue.counts(),
+            "failed_for_good": queue.counts().get("failed", 0),
             "cable_toggles": toggles,
+            "worker_kills": kills,
             "agent_counts": counts,
             "failures": failures[:20],
             "seconds": round(time.monotonic() - start, 1),
@@ -137,6 +159,16 @@ async def run(jobs: int, rows: int) -> dict[str, Any]:
         }
 
 
+def _kill_worker(daemon: psutil.Process) -> int:
+    """SIGKILL the agent's inference worker from outside, if one runs; 1 if one was killed."""
+    for child in daemon.children():
+        with contextlib.suppress(psutil.Error):
+            if "agent.inference.worker" in " ".join(child.cmdline()):
+                os.kill(child.pid, signal.SIGKILL)
+                return 1
+    return 0
+
+
 def _failures(log: Path) -> list[dict[str, Any]]:
     """The agent's job_failed events: job, reason, detail, time."""
     import json
@@ -151,16 +183,22 @@ def _failures(log: Path) -> list[dict[str, Any]]:
     return found
 
 
-def main(jobs: int = 1000, rows: int = 2000) -> dict[str, Any]:
-    data = asyncio.run(run(jobs, rows))
-    write_result("soak", data)
+def main(jobs: int = 1000, rows: int = 2000, mode: str = "cable") -> dict[str, Any]:
+    data = asyncio.run(run(jobs, rows, mode))
+    write_result("soak" if mode == "cable" else f"soak-{mode}", data)
     print(
-        f"\nsoak: {data['results']}/{data['jobs']} results in {data['seconds']} s, "
-        f"{data['cable_toggles']} cable toggles, {data['duplicates_suppressed']} duplicates "
-        f"suppressed; RSS {data['rss_mb']}; fds {data['open_fds']}"
+        f"\nsoak ({mode}): {data['results']}/{data['jobs']} results, "
+        f"{data['failed_for_good']} failed, in {data['seconds']} s; "
+        f"{data['cable_toggles']} cable toggles, {data['worker_kills']} worker kills, "
+        f"{data['duplicates_suppressed']} duplicates suppressed; RSS {data['rss_mb']}; "
+        f"fds {data['open_fds']}"
     )
     return data
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 1000)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("cable", "kill-worker"), default="cable")
+    parser.add_argument("--jobs", type=int, default=None, help="default 1000 (cable), 300 (kill)")
+    args = parser.parse_args()
+    main(args.jobs or (1000 if args.mode == "cable" else 300), mode=args.mode)

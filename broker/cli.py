@@ -111,7 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     sb = sub.add_parser("submit", help="queue digit jobs")
     sb.add_argument("--queue", type=Path, required=True)
     sb.add_argument("--requester-key", type=Path, required=True)
-    sb.add_argument("--count", type=int, default=10)
+    sb.add_argument("--count", type=_positive_int, default=10)
+    sb.add_argument(
+        "--expires-in",
+        type=_positive_float,
+        default=24 * 3600.0,
+        metavar="SECONDS",
+        help="how long a job may wait for a car (preemptions and hand-backs requeue it until "
+        "then; default one day)",
+    )
     sb.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[1] / "models")
     pv = sub.add_parser("provision", help="create the fleet's certificates")
     pv.add_argument("--dir", type=Path, required=True)
@@ -130,6 +138,21 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--registry", type=Path, required=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8883)
+    sv.add_argument(
+        "--max-failures",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="fail a job for good after N failed attempts (failed or rejected by a car, or a "
+        "lease that ran out); preemptions and hand-backs never count (default 3)",
+    )
+    sv.add_argument(
+        "--lease-s",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a car holds a job without a heartbeat before it goes to another",
+    )
     sv.add_argument(
         "--pki",
         type=Path,
@@ -274,6 +297,26 @@ def _register(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
+    return value
+
+
 def _submit(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -299,6 +342,7 @@ def _submit(args: argparse.Namespace) -> int:
                 lifetime_s=3600,
             ),
             now=time.time(),
+            expires_in_s=args.expires_in,
         )
     print(f"queued {args.count} jobs in {args.queue}: {queue.counts()}")
     queue.close()
@@ -332,7 +376,7 @@ async def _serve(args: argparse.Namespace) -> int:
         what="registry",
         reason=Reason.MALFORMED_PAYLOAD,
     )
-    queue = JobQueue(args.queue)
+    queue = JobQueue(args.queue, lease_s=args.lease_s, max_attempts=args.max_failures)
     collector = Collector(
         vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
         requester_key=load_requester_key(args.requester_key),

@@ -30,7 +30,7 @@ from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, Wor
 from agent.wire.mqtt import NO_DELAY, publish_acked
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
-from broker.queue import JobQueue, Lease
+from broker.queue import JobQueue, Lease, counts_as_failure
 
 MAX_MESSAGE_BYTES = 64 * 1024
 _HAND_BACK = {EventKind.RELEASED, EventKind.PREEMPTED, EventKind.REJECTED, EventKind.FAILED}
@@ -174,7 +174,7 @@ class FleetNode:
             attempt=lease.attempt,
             issuer=self._issuer,
             issued_at=now,
-            expires_at=now + t.lifetime_s,
+            expires_at=min(now + t.lifetime_s, lease.expires_at),
             vehicle_id=vehicle_id,
             job_class=t.job_class,
             model=t.model,
@@ -198,12 +198,14 @@ class FleetNode:
         if event.kind in _STILL_HELD and event.job_id is not None and event.attempt is not None:
             self.queue.extend_lease(event.job_id, event.attempt, vehicle_id, self._clock())
         if event.kind in _HAND_BACK and event.job_id is not None and event.attempt is not None:
+            reason = event.reason or event.kind.value
             self.queue.hand_back(
                 event.job_id,
                 event.attempt,
                 vehicle_id,
-                event.reason or event.kind.value,
+                reason,
                 self._clock(),
+                failure=counts_as_failure(event.kind.value, reason),
             )
 
     def _on_status(self, vehicle_id: str, raw: bytes) -> None:

@@ -23,7 +23,7 @@ from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode
-from broker.queue import JobQueue, JobTemplate
+from broker.queue import JobQueue, JobTemplate, counts_as_failure
 from tests.support import DIGITS_REF, FleetKeys, holdout, running_agent, wait_for, write_vehicle
 
 
@@ -68,6 +68,75 @@ def test_queue_requeues_on_hand_back_expiry_and_offline_then_fails_after_max_att
     assert queue.expire_leases(now=12) == 0
     assert queue.expire_leases(now=14) == 1
     assert queue.state_of(job) == ("failed", 2, "lease_expired")
+
+
+@pytest.mark.parametrize(
+    ("kind", "reason", "failure"),
+    [
+        ("preempted", "not_parked", False),
+        ("preempted", "unplugged,not_charging", False),
+        ("released", "gate_closed", False),
+        ("released", "agent_restarted", False),
+        ("released", "worker_killed", False),
+        ("released", "busy", False),
+        ("failed", "worker_crashed", True),
+        ("failed", "deadline_exceeded", True),
+        ("failed", "agent_error", True),
+        ("rejected", "bad_inputs", True),
+        ("rejected", "gate_closed", False),
+    ],
+)
+def test_only_the_job_failing_counts_against_it(kind, reason, failure):
+    """Preemptions and car-first hand-backs are never a failure; failed and rejected are."""
+    assert counts_as_failure(kind, reason) is failure
+
+
+def test_preemptions_never_use_up_a_job_only_its_expiry_ends_it(tmp_path):
+    """Fifty preemptions in a row leave the job queued with no failure counted, each lease a new
+    attempt number; once the job's own expiry passes, the next hand-back fails it as expired."""
+    q = JobQueue(tmp_path / "q.db", lease_s=10, max_attempts=3)
+    job = q.submit(template(X25519PrivateKey.generate()), now=0, expires_in_s=100)
+    for i in range(50):
+        (lease,) = q.lease("v1", 1, {DIGITS_REF.sha256}, now=1 + i)
+        assert lease.attempt == i + 1 and lease.expires_at == 100
+        q.hand_back(job, lease.attempt, "v1", "not_parked", 1.5 + i, failure=False)
+    assert q.state_of(job) == ("queued", 50, "not_parked")
+    assert q.failures_of(job) == 0
+    (lease,) = q.lease("v1", 1, {DIGITS_REF.sha256}, now=99)
+    q.hand_back(job, lease.attempt, "v1", "not_parked", 101, failure=False)
+    assert q.state_of(job) == ("failed", 51, "expired")
+    q.close()
+
+
+def test_a_queued_job_past_its_expiry_is_failed_not_leased(tmp_path):
+    """A job nobody leased before its expiry fails as expired and is never handed out."""
+    q = JobQueue(tmp_path / "q.db")
+    job = q.submit(template(X25519PrivateKey.generate()), now=0, expires_in_s=5)
+    assert q.lease("v1", 1, {DIGITS_REF.sha256}, now=6) == []
+    assert q.state_of(job) == ("failed", 0, "expired")
+    with pytest.raises(ValueError, match="positive"):
+        q.submit(template(X25519PrivateKey.generate()), now=0, expires_in_s=0)
+    q.close()
+
+
+def test_failures_of_the_job_itself_fail_it_after_max_attempts(tmp_path):
+    """Failed attempts count, interleaved preemptions do not: the third failure ends the job."""
+    q = JobQueue(tmp_path / "q.db", max_attempts=3)
+    job = q.submit(template(X25519PrivateKey.generate()), now=0)
+    outcomes = ["worker_crashed", "not_parked", "worker_crashed", "gate_closed", "worker_crashed"]
+    for t, reason in enumerate(outcomes):
+        (lease,) = q.lease("v1", 1, {DIGITS_REF.sha256}, now=t)
+        q.hand_back(job, lease.attempt, "v1", reason, t + 0.5, failure=reason == "worker_crashed")
+    assert q.state_of(job) == ("failed", 5, "worker_crashed")
+    assert q.failures_of(job) == 3
+    q.close()
+
+
+def test_a_low_order_requester_key_cannot_be_submitted():
+    """The fleet refuses a job whose results could never be sealed (all-zero X25519 key)."""
+    good = template(X25519PrivateKey.generate())
+    with pytest.raises(ValueError, match="low-order"):
+        JobTemplate(**{**good.model_dump(), "requester_key": bytes(32)})
 
 
 def test_queue_vehicle_offline_returns_its_jobs(queue):
@@ -272,7 +341,7 @@ def test_the_dispatcher_sends_large_inputs_as_a_bundle(tmp_path):
             requester_key=b"\x03" * 32,
             lifetime_s=60,
         )
-        raw, digest = node.sign_job(Lease("job-1", 1, template), "veh-1", time.time())
+        raw, digest = node.sign_job(Lease("job-1", 1, template, float("inf")), "veh-1", time.time())
         assert is_bundle(raw) is bundled
         if bundled:
             verified, job = verify_job_bundle(raw, trusted=ring, max_bytes=1 << 22)

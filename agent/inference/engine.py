@@ -126,6 +126,12 @@ class WorkerEngine:
         self._pending = None
 
     @property
+    def computing(self) -> str | None:
+        """The key of the request the worker is on now (the running one, or the staged one
+        once the running one has answered), if any."""
+        return self._outstanding[0] if self._outstanding else None
+
+    @property
     def has_work(self) -> bool:
         """A request is running or staged in the worker."""
         return self.busy or bool(self._outstanding) or self._pending is not None
@@ -183,6 +189,11 @@ class WorkerEngine:
                 stdin=asyncio.subprocess.PIPE,
                 stdout=stdout,
             )
+        except OSError as exc:  # no fork, no memory, no executable: not the job's fault
+            os.close(replies)
+            raise WireError(
+                Reason.WORKER_UNAVAILABLE, f"the inference worker could not be started: {exc}"
+            ) from None
         except BaseException:
             os.close(replies)
             raise
@@ -201,7 +212,7 @@ class WorkerEngine:
                 exc.detail if isinstance(exc, WireError) else f"no answer in {_START_TIMEOUT_S:g} s"
             )
             raise WireError(
-                Reason.WORKER_CRASHED, f"the inference worker did not start: {why}"
+                Reason.WORKER_UNAVAILABLE, f"the inference worker did not start: {why}"
             ) from None
         self._log.info("worker_started", pid=ready.get("pid"), memory_mb=self.memory_mb)
         return proc
@@ -238,8 +249,7 @@ class WorkerEngine:
     async def _read_frame(self, proc: asyncio.subprocess.Process) -> Frame:
         frame = await self._replies.next() if self._replies is not None else None
         if frame is None:
-            code = await proc.wait()
-            raise WireError(Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})")
+            raise _died(await proc.wait())
         return frame
 
     def _write(
@@ -292,10 +302,7 @@ class WorkerEngine:
         try:
             await proc.stdin.drain()
         except (BrokenPipeError, ConnectionResetError):
-            code = await proc.wait()
-            raise WireError(
-                Reason.WORKER_CRASHED, f"the inference worker died ({_describe(code)})"
-            ) from None
+            raise _died(await proc.wait()) from None
         reply, out = await self._read_frame(proc)
         if reply.get("key") != key or not self._outstanding or self._outstanding[0] != key:
             raise WireError(Reason.RUNTIME_ERROR, f"the worker answered {reply.get('key')!r}")
@@ -400,6 +407,16 @@ def _outputs(reply: dict[str, Any], buffers: list[bytes]) -> dict[str, Tensor]:
         raise WireError(
             Reason.RUNTIME_ERROR, f"the model produced an output the wire cannot carry: {exc}"
         ) from None
+
+
+def _died(returncode: int | None) -> WireError:
+    """Why the worker is gone: a SIGKILL came from outside (the agent's own kills are known to
+    the caller, and its memory limit is RLIMIT_AS inside the worker), anything else is a crash."""
+    if returncode == -signal.SIGKILL:
+        return WireError(
+            Reason.WORKER_KILLED, "the inference worker was killed from outside (SIGKILL)"
+        )
+    return WireError(Reason.WORKER_CRASHED, f"the inference worker died ({_describe(returncode)})")
 
 
 def _describe(returncode: int | None) -> str:

@@ -9,6 +9,9 @@ Physics, integrated in steps of at most one scenario-second:
   battery temp   dT/dt = (ambient + c_per_kw * (charge kW + drive kW) - T) / tau
 Scenario events (and live `set` calls) change gear, plug, charger and ambient,
 or force a temperature or charge level; the physics carries on from there.
+The car keeps a compute energy counter (J, on the agent's clock): the integral of
+compute power, the load in force over each interval being the one read at its end
+(a measurement over that interval). It is the ground truth energy booking is held to.
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ class EmulatedVehicle:
         self._next_event = 0
         self._load = load
         self._last_load = 0.0
+        self.compute_energy_j = 0.0
+        self._energy_at = started_at
 
     def attach_load(self, load: Callable[[], float]) -> None:
         """Where the compute load (0..1) comes from: the agent's worker."""
@@ -87,6 +92,9 @@ class EmulatedVehicle:
         self._last_load = 0.0
 
     def _advance(self, now: float, load: float) -> None:
+        if now > self._energy_at:
+            self.compute_energy_j += compute_power_w(self.car, load) * (now - self._energy_at)
+            self._energy_at = now
         target = max(self._t, (now - self._started_at) * self.time_scale)
         events = self.scenario.events
         while self._t < target or (
@@ -126,6 +134,7 @@ class EmulatedVehicle:
             ambient_temp_c=s.ambient_temp_c,
             compute_power_w=p_compute,
             compute_max_w=self.car.compute_max_w,
+            compute_energy_j=self.compute_energy_j,
             sources=_SOURCES,
         )
 

@@ -35,6 +35,9 @@ class VehicleSnapshot:
     # The module's nominal full power, where known (the emulator's model, a rig's config):
     # the power governor's first estimate before it has measured anything.
     compute_max_w: float | None = None
+    # The compute module's energy counter in J, where the source keeps one (the emulator,
+    # RAPL): energy between two snapshots is then exact, not estimated from two readings.
+    compute_energy_j: float | None = None
     # Where each value came from ("emulated", "sysfs:/sys/class/...", ...).
     sources: dict[str, str] = field(default_factory=dict, compare=False)
     # Sensors that could not be read: any fault closes the gate (fail safe).

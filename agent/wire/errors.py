@@ -46,6 +46,10 @@ class Reason(StrEnum):
     RUNTIME_ERROR = "runtime_error"
     WORKER_CRASHED = "worker_crashed"
     MEMORY_LIMIT = "memory_limit"
+    # Not the job's fault, so handed back without a strike: the worker was killed from outside
+    # (SIGKILL we did not send: the OOM killer, an operator), or could not be started.
+    WORKER_KILLED = "worker_killed"
+    WORKER_UNAVAILABLE = "worker_unavailable"
     # The agent itself failed while handling this job (a fault of ours, not of the job):
     # the job fails with this reason and the daemon serves the next one.
     AGENT_ERROR = "agent_error"
