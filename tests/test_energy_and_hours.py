@@ -82,7 +82,7 @@ def test_booked_energy_matches_the_emulators_counter_job_by_job():
             booked_at[key] = (t, car.compute_energy_j)
         else:
             sample(t, key)
-            start, at_start = booked_at[key]
+            _start, at_start = booked_at[key]
             truth_wh = (car.compute_energy_j - at_start) / 3600.0
             assert meter.close_job(key) == pytest.approx(truth_wh, rel=1e-3), key
             booked_at[key] = (truth_wh, 0.0)
@@ -93,7 +93,10 @@ def test_booked_energy_matches_the_emulators_counter_job_by_job():
     car_model = car.car
     for (key, s, e), (level, _, _), truth in zip(jobs, loads, truths, strict=True):
         model_wh = (
-            (car_model.compute_idle_w + level * (car_model.compute_max_w - car_model.compute_idle_w))
+            (
+                car_model.compute_idle_w
+                + level * (car_model.compute_max_w - car_model.compute_idle_w)
+            )
             * (e - s)
             / 3600.0
         )
