@@ -50,6 +50,7 @@ from agent.supervision import Notifier
 from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
+from agent.vehicle.uevents import UeventWatcher
 from agent.wire import envelope
 from agent.wire.bundle import encode_result_body, is_bundle, sign_result, verify_job_bundle
 from agent.wire.codec import dump_model, parse_model
@@ -211,6 +212,7 @@ class Agent:
             dt.datetime.fromisoformat(BUILT_ON).replace(tzinfo=dt.UTC).timestamp(),
         )
         self._outbox_ready = asyncio.Event()
+        self._vehicle_changed = asyncio.Event()  # a pushed change of the car: look now
         # A full or failing state disk: what failed, and results finished meanwhile that could
         # not be filed (held in memory, filed when the disk takes writes again).
         self._state_fault: str | None = None
@@ -483,7 +485,49 @@ class Agent:
             self._on_gate_change(decision)
         return decision
 
+    def vehicle_changed(self, *_: object) -> None:
+        """Something says the car changed (a kernel uevent): look at it now, not at the poll."""
+        self._vehicle_changed.set()
+
+    async def _wait_for_vehicle(self, poll_s: float) -> None:
+        """Until the next look at the car: the poll interval, cut short by a pushed change
+        (a uevent) or by the instant the scenario's next event changes the car."""
+        delay = poll_s
+        next_change = getattr(self._vehicle, "next_change_at", lambda: None)()
+        if next_change is not None:
+            # At least 0.5 ms: a change due now but not yet applied must not spin the loop.
+            delay = min(delay, max(0.0005, next_change - self._clock()))
+        try:
+            async with asyncio.timeout(delay):
+                await self._vehicle_changed.wait()
+        except TimeoutError:
+            pass
+        self._vehicle_changed.clear()
+
+    def _watch_uevents(self) -> UeventWatcher | None:
+        """On a rig, listen to the kernel's uevents for the signals read from sysfs."""
+        subsystems: frozenset[str] = getattr(self._vehicle, "uevent_subsystems", frozenset())
+        if not subsystems:
+            return None
+        watcher = UeventWatcher(subsystems, self.vehicle_changed)
+        why_not = watcher.start(asyncio.get_running_loop())
+        if why_not is not None:
+            self._log.warning(
+                "uevents_unavailable", reason=why_not, polling_s=self.config.agent.vehicle_poll_s
+            )
+            return None
+        self._log.info("uevents_watched", subsystems=sorted(subsystems))
+        return watcher
+
     async def _watch_vehicle(self) -> None:
+        watcher = self._watch_uevents()
+        try:
+            await self._watch_vehicle_loop()
+        finally:
+            if watcher is not None:
+                watcher.close()
+
+    async def _watch_vehicle_loop(self) -> None:
         while True:
             now = self._clock()
             self.observe(now)
@@ -501,7 +545,7 @@ class Agent:
             # is closed and nothing runs, where a second's delay in reopening costs nothing.
             busy = self.gate.is_open or self._current is not None
             agent_cfg = self.config.agent
-            await asyncio.sleep(
+            await self._wait_for_vehicle(
                 agent_cfg.vehicle_poll_s
                 if busy
                 else max(agent_cfg.vehicle_poll_s, agent_cfg.closed_poll_s)
@@ -609,6 +653,7 @@ class Agent:
                 "model": current.model.name,
                 "energy_wh": round(self.energy.job_wh((current.job_id, current.attempt)), 6),
             },
+            "scenario": self._scenario_status(),
             "queued_jobs": self._queue.qsize(),
             "outbox": self._outbox_depth,
             "energy": {
@@ -617,6 +662,17 @@ class Agent:
                 "daily_allowance_wh": self.config.limits.daily_energy_wh,
             },
             "counts": dict(self.counts),
+        }
+
+    def _scenario_status(self) -> dict[str, Any] | None:
+        """Where the emulated car's scenario stands: its time base and its next change."""
+        emulated = getattr(self._vehicle, "emulated", self._vehicle)
+        if not isinstance(emulated, EmulatedVehicle):
+            return None
+        return {
+            "started_at": emulated.started_at,
+            "time_scale": emulated.time_scale,
+            "next_change_at": emulated.next_change_at(),
         }
 
     def set_vehicle(self, fields: dict[str, Any]) -> dict[str, Any]:

@@ -294,7 +294,8 @@ async def test_dispatch_to_three_vehicles_only_the_eligible_one_runs(mosquitto, 
         collector=collector,
         lease_tick_s=0.2,
     )
-    ids = [q.submit(template(fleet.requester, row=i), now=float(i)) for i in range(40)]
+    start = time.time()
+    ids = [q.submit(template(fleet.requester, row=i), now=start + i * 1e-3) for i in range(40)]
     node_task = asyncio.create_task(node.run(), name="fleet")
     try:
         await wait_for(lambda: node.ready.is_set(), what="fleet ready")

@@ -111,6 +111,19 @@ class EmulatedVehicle:
             self._state = step(self.car, self._state, dt, load)
             self._t += dt
 
+    @property
+    def started_at(self) -> float:
+        """When (agent clock) the scenario's time 0 was."""
+        return self._started_at
+
+    def next_change_at(self) -> float | None:
+        """When (agent clock) the scenario's next event changes the car, if it has one more:
+        the daemon wakes at that instant instead of finding the change at its next poll."""
+        events = self.scenario.events
+        if self._next_event >= len(events):
+            return None
+        return self._started_at + events[self._next_event].at_s / self.time_scale
+
     def state(self, now: float) -> VehicleState:
         self._advance(now, self._last_load)
         return self._state

@@ -75,6 +75,21 @@ class HostVehicle:
         self.power = power
         self._last_power_w = 0.0
 
+    def next_change_at(self) -> float | None:
+        """The scenario's next event, for the signals still emulated (gear, charge level)."""
+        return self.emulated.next_change_at()
+
+    @property
+    def uevent_subsystems(self) -> frozenset[str]:
+        """Kernel subsystems whose uevents mean a signal read here may have changed: the
+        daemon looks at the car the moment one arrives instead of at its next poll."""
+        wanted = set()
+        if self.mains is not None:
+            wanted.add("power_supply")
+        if self.thermal is not None:
+            wanted.add("thermal")
+        return frozenset(wanted)
+
     def snapshot(self, now: float) -> VehicleSnapshot:
         snap = self.emulated.snapshot(now)
         sources = dict.fromkeys(("gear", "soc_pct", "battery_temp_c", "ambient_temp_c"), "emulated")
@@ -98,6 +113,7 @@ class HostVehicle:
                 if watts is not None:
                     self._last_power_w = watts
                 changes["compute_power_w"] = self._last_power_w
+                changes["compute_energy_j"] = None  # the emulator's counter is not this sensor's
                 sources["compute_power_w"] = self.power.source
             except SensorError as exc:
                 faults.append(str(exc))

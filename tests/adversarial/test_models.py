@@ -128,14 +128,22 @@ async def test_a_job_that_crashes_the_worker_twice_is_not_retried_here(rig: Rig)
     files = rig.vehicle()
     async with rig.serving(files) as (obs, agent):
         for attempt in (1, 2):
+            warm = f"warm-{attempt}"  # a started worker, so the crash lands mid-job (a crash
+            # while the worker starts, before it reads any job, is not held against the job)
+            await obs.send_job(signed(burn_spec(fleet, VID, rows=10, job_id=warm), fleet.job_key))
+            await wait_for(lambda w=warm: "succeeded" in obs.kinds(w), what="worker warm")
             spec = burn_spec(fleet, VID, rows=500_000, attempt=attempt)
             await obs.send_job(signed(spec, fleet.job_key))
-            await wait_for(lambda: (agent._engine.cpu_seconds() or 0) > 0.1, what="running")
+            await wait_for(lambda: agent._engine.busy, what="busy")
+            base = agent._engine.cpu_seconds() or 0.0
+            await wait_for(
+                lambda b=base: (agent._engine.cpu_seconds() or 0) > b + 0.1, what="running"
+            )
             os.kill(agent._engine.pid, signal.SIGSEGV)
             await wait_for(lambda a=attempt: obs.kinds().count("failed") == a, what="failed")
         await obs.send_job(signed(burn_spec(fleet, VID, rows=10, attempt=3), fleet.job_key))
         await wait_for(lambda: "rejected" in obs.kinds(), what="poison refused")
         assert [e["reason"] for e in obs.events if e["kind"] == "failed"] == ["worker_crashed"] * 2
         assert _event(obs, "rejected")["reason"] == "poison_job"
-        assert obs.results == []
+        assert len(obs.results) == 2, "only the two warm-up jobs have results"
         await rig.still_serves(obs, agent)
