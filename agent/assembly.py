@@ -160,5 +160,5 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
         clock=clock,
         tls=tls,
     )
-    emulated.attach_load(agent.compute_load)
+    emulated.attach_load(agent.compute_load, agent.compute_busy_s)
     return agent

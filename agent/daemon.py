@@ -179,6 +179,8 @@ class Agent:
         # The job whose compute the worker is doing: every interval of energy is booked to it.
         self._energy_job: tuple[str, int] | None = None
         self._load_window_closes = False  # the next load reading ends its window, however short
+        self._busy_s = 0.0
+        self._busy_mark: tuple[int | None, float] | None = None
         # Jobs that killed the worker, and how often; two strikes and the job is not run here.
         self._worker_crashes: Counter[str] = Counter()
         self._load_mark: tuple[float, float] | None = None
@@ -444,6 +446,17 @@ class Agent:
             self._load = max(0.0, min(1.0, (cpu - c0) / (now - t0) / self._engine.threads))
             self._load_mark = (now, cpu)
         return self._load
+
+    def compute_busy_s(self) -> float:
+        """Seconds of full compute load so far: the worker's CPU time over its threads, summed
+        across worker restarts (monotonic). The emulated car's energy counter follows it."""
+        cpu, pid = self._engine.cpu_seconds(), self._engine.pid
+        last, self._busy_mark = self._busy_mark, (pid, cpu) if cpu is not None else None
+        if cpu is None:
+            return self._busy_s
+        grown = cpu - last[1] if last is not None and last[0] == pid else cpu  # a new worker
+        self._busy_s += max(0.0, grown) / self._engine.threads
+        return self._busy_s
 
     def observe(self, now: float) -> GateDecision:
         """One look at the car: account energy, evaluate the gate, react to a change."""

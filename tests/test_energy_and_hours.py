@@ -186,3 +186,25 @@ def test_hours_follow_the_owners_zone_across_dst():
     late = dt.datetime(2026, 12, 1, 4, 30, tzinfo=dt.UTC).astimezone(zone)  # 05:30 local
     assert hours.allows(summer) and hours.allows(winter)
     assert not hours.allows(late)
+
+
+def test_the_cars_counter_follows_the_workers_cpu_time_through_counter_lag():
+    """The emulator's energy counter is idle power over time plus (max - idle) per second of
+    CPU the worker computed. A CPU counter that lags a tick and catches up (as schedstat does
+    for a running thread) still gives the exact total between two readings where the worker
+    is blocked, as at a job's start and end."""
+    car = _emulated_car()
+    busy = {"s": 0.0}
+    car.attach_load(lambda: 0.0, lambda: busy["s"])
+    model = car.car
+    car.snapshot(1.0)
+    start_j = car.compute_energy_j
+    for t, cpu in ((1.1, 0.096), (1.2, 0.196), (1.3, 0.3), (1.4, 0.38), (1.45, 0.45)):
+        busy["s"] = cpu  # 0.45 s of CPU over 0.45 s, reported unevenly
+        car.snapshot(t)
+    job_j = car.compute_energy_j - start_j
+    expected = model.compute_idle_w * 0.45 + (model.compute_max_w - model.compute_idle_w) * 0.45
+    assert job_j == pytest.approx(expected, rel=1e-9)
+    busy["s"] = 0.2  # a new worker's counter starts lower: never negative energy
+    car.snapshot(1.5)
+    assert car.compute_energy_j - start_j == pytest.approx(expected + model.compute_idle_w * 0.05)

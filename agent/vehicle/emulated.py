@@ -9,9 +9,12 @@ Physics, integrated in steps of at most one scenario-second:
   battery temp   dT/dt = (ambient + c_per_kw * (charge kW + drive kW) - T) / tau
 Scenario events (and live `set` calls) change gear, plug, charger and ambient,
 or force a temperature or charge level; the physics carries on from there.
-The car keeps a compute energy counter (J, on the agent's clock): the integral of
-compute power, the load in force over each interval being the one read at its end
-(a measurement over that interval). It is the ground truth energy booking is held to.
+The car keeps a compute energy counter (J, on the agent's clock): idle power over
+time plus (max - idle) over the seconds of full load the worker really computed
+(its CPU time over its threads, `busy_s`), so the counter follows the work to the
+CPU time, whatever the windows over which the reported power is averaged. Without
+a `busy_s` source it integrates the power model at the load read at each step.
+It is the ground truth that energy booking is held to.
 """
 
 from __future__ import annotations
@@ -85,15 +88,35 @@ class EmulatedVehicle:
         self._last_load = 0.0
         self.compute_energy_j = 0.0
         self._energy_at = started_at
+        self._busy: Callable[[], float] | None = None
+        self._busy_last: float | None = None
 
-    def attach_load(self, load: Callable[[], float]) -> None:
-        """Where the compute load (0..1) comes from: the agent's worker."""
+    def attach_load(
+        self, load: Callable[[], float], busy_s: Callable[[], float] | None = None
+    ) -> None:
+        """Where the compute load (0..1) comes from: the agent's worker; and, for the energy
+        counter, its cumulative seconds of full load (monotonic)."""
         self._load = load
         self._last_load = 0.0
+        self._busy = busy_s
+        self._busy_last = None if busy_s is None else busy_s()
 
     def _advance(self, now: float, load: float) -> None:
         if now > self._energy_at:
-            self.compute_energy_j += compute_power_w(self.car, load) * (now - self._energy_at)
+            dt = now - self._energy_at
+            if self._busy is not None:
+                busy = self._busy()
+                # Not capped at dt: a running thread's CPU counter lags up to a scheduler tick
+                # and catches up later; capping would drop the catch-up. The counter is exact
+                # whenever the worker is blocked, as at every job's start and end.
+                done = max(0.0, busy - (self._busy_last if self._busy_last is not None else busy))
+                self._busy_last = busy
+                car = self.car
+                self.compute_energy_j += car.compute_idle_w * dt + done * (
+                    car.compute_max_w - car.compute_idle_w
+                )
+            else:
+                self.compute_energy_j += compute_power_w(self.car, load) * dt
             self._energy_at = now
         target = max(self._t, (now - self._started_at) * self.time_scale)
         events = self.scenario.events
