@@ -258,6 +258,12 @@ class Agent:
                 self._log.error(
                     "metrics_unavailable", port=self.config.agent.metrics_port, error=str(exc)
                 )
+        try:  # a disk already full at start: the gate starts closed, not at the first job
+            await self._io(self._jobs.probe, self._clock())
+        except Exception as exc:
+            if not is_storage_error(exc):
+                raise
+            self._state_failed(exc, "starting")
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_vehicle(), name="vehicle-watch")
@@ -335,8 +341,7 @@ class Agent:
         try:
             await self._io(self._file_result, done, self.energy.day, self.energy.today_wh)
         except WireError as err:  # the result cannot be sealed: the job fails, typed
-            await self._record(self._jobs.finish, job.job_id, job.attempt)
-            await self._event_soon(job, EventKind.FAILED, err.reason.value, err.detail)
+            await self._filing_failed(done, err.reason.value, err.detail)
             return True
         except Exception as exc:
             if is_storage_error(exc):
@@ -344,10 +349,8 @@ class Agent:
                 self._unfiled.append(done)
                 return False
             self._log.exception("result_not_filed", job_id=job.job_id, attempt=job.attempt)
-            await self._record(self._jobs.finish, job.job_id, job.attempt)
-            await self._event_soon(
-                job,
-                EventKind.FAILED,
+            await self._filing_failed(
+                done,
                 Reason.AGENT_ERROR.value,
                 f"sealing or filing the result failed: {type(exc).__name__}: {exc}",
             )
@@ -355,6 +358,22 @@ class Agent:
         self._outbox_depth += 1
         self._outbox_ready.set()
         return True
+
+    async def _filing_failed(self, done: _Finished, reason: str, detail: str) -> None:
+        """A finished job whose result cannot be filed: it fails, its energy is kept as such."""
+        job = done.item.job
+        await self._record(
+            self._ledger.record_job,
+            job.job_id,
+            job.attempt,
+            self.energy.day,
+            done.energy_wh,
+            self._clock(),
+            "failed",
+            self.energy.today_wh,
+        )
+        await self._record(self._jobs.finish, job.job_id, job.attempt)
+        await self._event_soon(job, EventKind.FAILED, reason, detail)
 
     async def _stop_when(self, stop: asyncio.Event) -> None:
         await stop.wait()
@@ -1391,13 +1410,14 @@ class Agent:
         return wh
 
     def _file_result(self, done: _Finished, day: str, day_wh: float) -> None:
-        """On the I/O thread, in one go: book the job's energy, seal and sign its result, and
-        put it in the outbox as its journal entry closes."""
+        """On the I/O thread, in one go: seal and sign the job's result, book its energy, and
+        put the result in the outbox as its journal entry closes. Sealing comes first: a
+        result that cannot be sealed leaves no `succeeded` row behind."""
         job = done.item.job
+        sealed = self._seal(done.item, done.outputs, done.runtime_ms, done.energy_wh)
         self._ledger.record_job(
             job.job_id, job.attempt, day, done.energy_wh, self._clock(), "succeeded", day_wh
         )
-        sealed = self._seal(done.item, done.outputs, done.runtime_ms, done.energy_wh)
         self._jobs.finish_with_result(
             job.job_id,
             job.attempt,

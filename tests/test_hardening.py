@@ -460,3 +460,21 @@ def _open_result(raw: bytes, files, fleet):
     sealed, _ = verify_result(raw, trusted=KeyRing.of(files.key.public_key()), max_bytes=1 << 22)
     info = result_info(sealed.job_id, sealed.attempt, sealed.vehicle_id, sealed.job_digest)
     return decode_result_body(open_sealed(sealed.ciphertext, fleet.requester, info))
+
+
+async def test_an_agent_started_on_a_full_state_disk_starts_with_its_gate_closed(
+    mosquitto, fleet, tmp_path
+):
+    """Restarted with its state disk full: the agent starts (no crash loop), its gate is
+    closed with state_disk_unavailable before any job arrives, and opens once space returns."""
+    vid = "veh-full-start"
+    files = write_vehicle(tmp_path, vid, port=mosquitto.port, fleet=fleet)
+    with _small_tmpfs(files.config_path.parent / "state", "8m") as state:
+        async with running_agent(files):
+            pass  # the state database exists now, as on a car that ran before
+        filler = _fill(state)
+        async with running_agent(files) as agent_:
+            await wait_for(lambda: agent_.status()["gate"]["reasons"] != ["starting"], what="gate")
+            assert "state_disk_unavailable" in agent_.status()["gate"]["reasons"]
+            filler.unlink()
+            await wait_for(lambda: agent_.status()["gate"]["open"], timeout=10, what="reopened")
