@@ -2,7 +2,7 @@
 #   make test    set up (venv, package, mosquitto) and run the suite
 #   make demo    set up and run the end-to-end demo
 #   make lint    ruff and mypy
-#   make bench   the benchmarks (about 9 minutes); JSON and a plot under bench/results/
+#   make bench   the benchmarks (about 13 minutes); JSON and a plot under bench/results/
 #   make soak    1000 jobs with the cable pulled every 3 s, then 300 with the worker killed at random
 #   make models  regenerate the shipped models (needs the models extra)
 

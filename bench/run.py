@@ -10,7 +10,7 @@ from bench import idle, overhead, powercap, preemption
 def main() -> int:
     quick = "--quick" in sys.argv
     overhead.main(quick=quick)
-    preemption.main(closures=20 if quick else 100)
+    preemption.main(closures=20 if quick else 60)
     powercap.main(rows=100_000 if quick else 250_000)
     idle.main(seconds=10.0 if quick else 60.0)
     return 0
