@@ -13,10 +13,11 @@ import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -271,3 +272,51 @@ def fleet_node(
         lease_tick_s=lease_tick_s,
     )
     return node, queue, collector
+
+
+# ---- the agent as a process, seen from outside --------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def agent_process(config: Path, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
+    """`edge-agent run --config CONFIG` as its own process, output to `log`; stopped (SIGTERM,
+    then SIGKILL after 20 s) when the block ends."""
+    import asyncio
+
+    with log.open("wb") as out:
+        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(proc.wait, 20)
+        if proc.poll() is None:
+            proc.kill()
+
+
+def worker_pid(agent_pid: int) -> int | None:
+    """The agent's inference worker process, if one runs."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(agent_pid).children():
+            if "agent.inference.worker" in " ".join(child.cmdline()):
+                return int(child.pid)
+    return None
+
+
+def cpu_ns(pid: int) -> int | None:
+    """CPU time of all of a process's threads, from schedstat (the process's own schedstat
+    file is its main thread's only); None once it is gone."""
+    total = 0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return total

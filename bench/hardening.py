@@ -28,12 +28,10 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import random
 import shutil
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
@@ -42,7 +40,6 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
-import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -55,40 +52,24 @@ from agent.wire.mqtt import NO_DELAY
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from bench.common import (
+    agent_process,
     bench_job,
     broker,
+    cpu_ns,
     fleet_node,
     median,
     model_dir,
     model_ref,
     percentile,
     vehicle_config,
+    worker_pid,
     write_result,
 )
 from broker.queue import JobTemplate
-from tests.hostile_broker import HostileBroker
+from tests.hostile_broker import HostileBroker  # the test double the adversarial tests use
 
 VID = "hard-car"
 IDLE_W, MAX_W = 4.0, 30.0  # the parked-charging car's compute module
-
-
-@contextlib.asynccontextmanager
-async def agent_process(config: Path, log: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(proc.wait, 20)
-        if proc.poll() is None:
-            proc.kill()
 
 
 def _burn(rows: int) -> dict[str, Tensor]:
@@ -370,39 +351,19 @@ async def full_disk(workdir: Path) -> dict[str, Any]:
 # ---- 11: energy per job ---------------------------------------------------------------------
 
 
-def _run_ns(pid: int) -> int | None:
-    """CPU time of all the worker's threads (the process's own schedstat is its main thread)."""
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total
-
-
-def _worker(agent_pid: int) -> int | None:
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(agent_pid).children():
-            if "agent.inference.worker" in " ".join(child.cmdline()):
-                return child.pid
-    return None
-
-
 async def energy(workdir: Path, jobs: int = 40) -> dict[str, Any]:
     rng = random.Random(11)
     samples: list[tuple[float, int]] = []
     windows: list[tuple[str, float, float]] = []  # job, sent at, answered at
     async with pushing(workdir) as (pusher, proc, config):
         await pusher.wait(await pusher.push(100), {"succeeded"}, 20)  # a started worker
-        pid = _worker(proc.pid)
+        pid = worker_pid(proc.pid)
         assert pid is not None, "no worker"
         stop = asyncio.Event()
 
         async def sample() -> None:
             while not stop.is_set():
-                ns = _run_ns(pid)
+                ns = cpu_ns(pid)
                 if ns is not None:
                     samples.append((time.time(), ns))
                 await asyncio.sleep(0.005)

@@ -24,12 +24,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -38,7 +35,6 @@ from typing import Any
 
 import aiomqtt
 import numpy as np
-import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -49,30 +45,21 @@ from agent.wire.mqtt import NO_DELAY
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from bench.common import (
+    agent_process,
     bench_job,
     broker,
+    cpu_ns,
     median,
     model_dir,
     model_ref,
     percentile,
     vehicle_config,
+    worker_pid,
     write_result,
 )
 
 VID = "preempt-car"
 POLL_S = 0.0002
-
-
-def _run_ns(pid: int) -> int | None:
-    """CPU time of all the worker's threads (the process's own schedstat is its main thread)."""
-    total = 0
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return total
 
 
 def _stopped(pid: int) -> bool:
@@ -86,30 +73,22 @@ def _stopped(pid: int) -> bool:
 def last_cpu_growth(pid: int, quiet_s: float = 0.05, limit_s: float = 2.0) -> float:
     """Poll the worker's CPU time until it stops growing (stopped, dead, or quiet for
     `quiet_s`); return the perf_counter instant of its last growth."""
-    last = _run_ns(pid)
+    last = cpu_ns(pid)
     last_at = time.perf_counter()
     end = last_at + limit_s
     while time.perf_counter() < end:
-        now_ns = _run_ns(pid)
+        now_ns = cpu_ns(pid)
         t = time.perf_counter()
         if now_ns is not None and last is not None and now_ns > last:
             last, last_at = now_ns, t
         elif now_ns is None or _stopped(pid) or t - last_at > quiet_s:
             # One more read: a stopped task's counter is final once it is off the CPU.
-            final = _run_ns(pid)
+            final = cpu_ns(pid)
             if final is not None and last is not None and final > last:
                 last_at = time.perf_counter()
             return last_at
         time.sleep(POLL_S)
     raise TimeoutError(f"worker {pid} kept computing for {limit_s} s after the change")
-
-
-def worker_pid(agent_pid: int) -> int | None:
-    with contextlib.suppress(psutil.Error):
-        for child in psutil.Process(agent_pid).children():
-            if "agent.inference.worker" in " ".join(child.cmdline()):
-                return child.pid
-    return None
 
 
 async def computing(agent_pid: int, timeout_s: float = 20.0) -> int:
@@ -119,9 +98,9 @@ async def computing(agent_pid: int, timeout_s: float = 20.0) -> int:
     while time.monotonic() < deadline:
         pid = worker_pid(agent_pid)
         if pid is not None:
-            a = _run_ns(pid)
+            a = cpu_ns(pid)
             await asyncio.sleep(0.1)
-            b = _run_ns(pid)
+            b = cpu_ns(pid)
             if a is not None and b is not None and b - a > 50_000_000 and not _stopped(pid):
                 return pid
         await asyncio.sleep(0.01)
@@ -164,27 +143,19 @@ class Rig:
                 agent="capacity = 1",
             )
             self.sock = self.workdir / VID / "state" / "control.sock"
-            with (self.workdir / "agent.log").open("wb") as log:
-                self.proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant
-                    [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            try:
-                async with aiomqtt.Client(
+            async with (
+                agent_process(config, self.workdir / "agent.log") as self.proc,
+                aiomqtt.Client(
                     "127.0.0.1",
                     b.port,
                     protocol=aiomqtt.ProtocolVersion.V5,
                     socket_options=NO_DELAY,
-                ) as client:
-                    self.client = client
-                    while not self.sock.exists():
-                        await asyncio.sleep(0.05)
-                    yield self
-            finally:
-                self.proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    await asyncio.to_thread(self.proc.wait, 20)
+                ) as client,
+            ):
+                self.client = client
+                while not self.sock.exists():
+                    await asyncio.sleep(0.05)
+                yield self
 
     async def push(self, rows: int = 400_000) -> None:  # ~16 s of one core
         self.n += 1

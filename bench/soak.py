@@ -36,7 +36,15 @@ from agent.control import request
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits
 from agent.wire.tensors import Tensor
-from bench.common import broker, fleet_node, model_dir, model_ref, vehicle_config, write_result
+from bench.common import (
+    broker,
+    fleet_node,
+    model_dir,
+    model_ref,
+    vehicle_config,
+    worker_pid,
+    write_result,
+)
 from broker.queue import JobTemplate
 
 VID = "soak-car"
@@ -161,11 +169,12 @@ async def run(jobs: int, rows: int, mode: str = "cable") -> dict[str, Any]:
 
 def _kill_worker(daemon: psutil.Process) -> int:
     """SIGKILL the agent's inference worker from outside, if one runs; 1 if one was killed."""
-    for child in daemon.children():
-        with contextlib.suppress(psutil.Error):
-            if "agent.inference.worker" in " ".join(child.cmdline()):
-                os.kill(child.pid, signal.SIGKILL)
-                return 1
+    pid = worker_pid(daemon.pid)
+    if pid is None:
+        return 0
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+        return 1
     return 0
 
 

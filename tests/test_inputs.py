@@ -344,3 +344,43 @@ def test_a_bad_installed_trust_policy_stops_the_agent_at_start(tmp_path, content
     with pytest.raises(StartupError) as err:
         build_agent(load_config(files.config_path))
     assert needle in str(err.value) and "trust-policy.json" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["serve", "--max-failures", "0"], "must be at least 1"),
+        (["serve", "--max-failures", "three"], "is not a whole number"),
+        (["serve", "--lease-s", "-5"], "must be a positive number of seconds"),
+        (["serve", "--lease-s", "inf"], "must be a positive number of seconds"),
+        (["submit", "--expires-in", "0"], "must be a positive number of seconds"),
+        (["submit", "--expires-in", "soon"], "is not a number"),
+        (["submit", "--count", "-1"], "must be at least 1"),
+    ],
+)
+def test_fleet_cli_refuses_bad_bounds_saying_which(tmp_path, args, needle):
+    """A failure bound, lease or expiry that is not a positive number is refused by
+    `edge-fleet` at once (usage error), naming the value; nothing is started or queued."""
+    base = {
+        "serve": [
+            "--queue",
+            str(tmp_path / "q.db"),
+            "--job-key",
+            "k",
+            "--requester-key",
+            "r",
+            "--registry",
+            "v",
+        ],
+        "submit": ["--queue", str(tmp_path / "q.db"), "--requester-key", "r"],
+    }[args[0]]
+    proc = subprocess.run(
+        [sys.executable, "-m", "broker.cli", args[0], *base, *args[1:]],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert not (tmp_path / "q.db").exists()
