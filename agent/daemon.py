@@ -1,15 +1,26 @@
 """The agent daemon: wires the vehicle, the gate, the broker and the engine in one TaskGroup.
 
 Tasks, each named and owned here:
-  vehicle-watch    polls the vehicle, runs the gate, preempts on close
-  mqtt-connection  connects (reconnecting with backoff) and owns, per connection:
-      job-receiver     verifies, parses and admits jobs from the vehicle's jobs topic
-      work-requester   asks for work while the gate is open and a slot is free
-      status-publisher keeps the retained status current
-  job-executor     runs accepted jobs one at a time and publishes sealed results
-  stop-watch       turns the stop event into an ordered, time-boxed shutdown
-The decisions themselves (gate, admission, backoff, wire codec) are pure code
-in agent.core and agent.wire.
+  vehicle-watch       looks at the car (at each poll, at the scenario's next event, on a
+                      kernel uevent), runs the gate, preempts on close; probes a failed
+                      state disk; prunes the replay record
+  mqtt-connection     connects (backoff reset only by a healthy connection, packets over
+                      the limit refused before they are read) and owns, per connection:
+      outbox-sender       publishes filed results in order, removing each on its PUBACK
+      job-receiver        verifies, parses and admits jobs (and trust policy updates)
+      work-requester      asks for work while the gate is open and a slot is free
+      status-publisher    keeps the retained status current
+      job-heartbeat       tells the fleet which jobs this vehicle still holds
+  job-executor        runs accepted jobs one at a time (each in a `job:<id>` task it awaits)
+  result-publisher    seals, signs and files finished jobs to the outbox
+  stop-watch          turns the stop event into an ordered, time-boxed shutdown
+  control-socket      `edge-agent status` and live control of the emulated car
+  power-governor      sets the duty cycle from the measured compute power
+  duty-cycle          pauses and resumes the worker to that duty
+  systemd-supervisor  READY, STATUS and watchdog pings
+Outside the TaskGroup: a reload's model-store refresh (`models-reload`), still to move in.
+The decisions themselves (gate, admission, backoff, clock floor, energy, wire codec) are
+pure code in agent.core and agent.wire.
 """
 
 from __future__ import annotations
@@ -192,8 +203,7 @@ class Agent:
         self._capacity = config.agent.capacity
         self._queue: asyncio.Queue[AcceptedJob] = asyncio.Queue(maxsize=self._capacity)
         self._deliveries: asyncio.Queue[_Finished] = asyncio.Queue(maxsize=self._capacity)
-        # Replay record: (job_id, attempt) of every job seen. In memory for now.
-        self._jobs = jobs
+        self._jobs = jobs  # the durable replay record, journal, clock floor and outbox
         self._held: dict[tuple[str, int], JobSpec] = {}  # accepted and not finished, for heartbeats
         self.metrics = AgentMetrics(enabled=config.agent.metrics_port != 0)
         # Blocking work (the state database, outbox files, sealing a result) runs on one
