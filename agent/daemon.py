@@ -1306,9 +1306,8 @@ class Agent:
                     self._log.exception("result_not_published", job_id=job_id, attempt=attempt)
                     if await self._record(self._jobs.outbox_remove, seq):
                         self._outbox_depth = max(0, self._outbox_depth - 1)
-                    await self._event_ids(
-                        job_id,
-                        attempt,
+                    await self._event_for(
+                        (job_id, attempt),
                         EventKind.FAILED,
                         Reason.AGENT_ERROR.value,
                         f"publishing the result failed: {type(exc).__name__}: {exc}",
@@ -1487,11 +1486,22 @@ class Agent:
     async def _event(
         self, job: JobSpec | None, kind: EventKind, reason: str | None = None, detail: str = ""
     ) -> None:
+        await self._event_for((job.job_id, job.attempt) if job else None, kind, reason, detail)
+
+    async def _event_for(
+        self,
+        job: tuple[str, int] | None,
+        kind: EventKind,
+        reason: str | None = None,
+        detail: str = "",
+    ) -> None:
+        """One happening of a job (known by its id and attempt, or none): counted, measured,
+        logged, and published on the events topic."""
         self.counts[kind.value] += 1
         self.metrics.jobs.labels(kind=kind.value, reason=reason or "").inc()
         if reason:
             self.counts[f"{kind.value}:{reason}"] += 1
-        ids = {"job_id": job.job_id, "attempt": job.attempt} if job else {}
+        ids = {"job_id": job[0], "attempt": job[1]} if job else {}
         level = "warning" if kind in (EventKind.REJECTED, EventKind.FAILED) else "info"
         getattr(self._log, level)(f"job_{kind.value}", reason=reason, detail=detail or None, **ids)
         event = JobEvent(
@@ -1501,25 +1511,6 @@ class Agent:
             detail=detail[:500],
             at=self._clock(),
             **ids,  # type: ignore[arg-type]
-        )
-        await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
-
-    async def _event_ids(
-        self, job_id: str, attempt: int, kind: EventKind, reason: str, detail: str
-    ) -> None:
-        """An event about a job known only by its ids (its spec is no longer held)."""
-        self.counts[kind.value] += 1
-        self.counts[f"{kind.value}:{reason}"] += 1
-        self.metrics.jobs.labels(kind=kind.value, reason=reason).inc()
-        self._log.warning(f"job_{kind.value}", reason=reason, detail=detail, job_id=job_id)
-        event = JobEvent(
-            vehicle_id=self.vehicle_id,
-            job_id=job_id,
-            attempt=attempt,
-            kind=kind,
-            reason=reason,
-            detail=detail[:500],
-            at=self._clock(),
         )
         await self._publish(topic(self.vehicle_id, Channel.EVENTS), dump_model(event))
 
