@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agent.core.admission import AdmissionContext, HeldModel, InputSpec, admit
-from agent.core.backoff import backoff_delays
+from agent.core.backoff import ReconnectBackoff
 from agent.wire.errors import Reason, WireError
 from agent.wire.messages import ModelRef
 from agent.wire.tensors import Tensor
@@ -100,8 +100,26 @@ def test_backoff_is_capped_full_jitter_and_grows():
     """Delays stay within [0, min(cap, base*2^n)], and the ceiling reaches the cap."""
     import random
 
-    delays = backoff_delays(base_s=0.5, cap_s=8.0, rng=random.Random(1))
-    seen = [next(delays) for _ in range(50)]
+    backoff = ReconnectBackoff(base_s=0.5, cap_s=8.0, rng=random.Random(1))
+    seen = [backoff.next_delay(float(n)) for n in range(50)]
     for n, d in enumerate(seen):
         assert 0 <= d <= min(8.0, 0.5 * 2**n)
     assert max(seen[10:]) > 4.0, "ceiling reaches the cap"
+
+
+@pytest.mark.parametrize(
+    ("up_for_s", "reset"),
+    [(0.0, False), (5.0, False), (29.9, False), (30.0, True), (3600.0, True)],
+)
+def test_only_a_connection_that_stayed_healthy_resets_the_backoff(up_for_s, reset):
+    """After five failed attempts the ceiling is at the cap; a connection that then lasts less
+    than healthy_after_s (a peer that accepts and fails) leaves it there, one that lasts
+    that long brings it back to the base."""
+    backoff = ReconnectBackoff(base_s=0.5, cap_s=8.0, healthy_after_s=30.0)
+    for n in range(5):
+        backoff.next_delay(float(n))
+    assert backoff.ceiling_s == 8.0
+    backoff.connected(100.0)
+    backoff.next_delay(100.0 + up_for_s)
+    # Reset: that delay was drawn under the base (0.5 s) and the next ceiling is 1 s.
+    assert backoff.ceiling_s == (1.0 if reset else 8.0)

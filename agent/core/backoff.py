@@ -4,40 +4,20 @@ that stayed healthy (pure)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-
-def backoff_delays(
-    *,
-    base_s: float = 0.5,
-    factor: float = 2.0,
-    cap_s: float = 60.0,
-    rng: random.Random | None = None,
-) -> Iterator[float]:
-    """Yield delays uniform in [0, min(cap, base * factor**attempt)], forever.
-
-    Full jitter spreads a fleet's reconnects after a broker restart instead of
-    having every car knock at the same instant.
-    """
-    rand = rng or random.Random()
-    attempt = 0
-    while True:
-        ceiling = min(cap_s, base_s * factor**attempt)
-        yield rand.uniform(0.0, ceiling)
-        if ceiling < cap_s:
-            attempt += 1
 
 
 @dataclass
 class ReconnectBackoff:
     """Delays between connection attempts that reset only after a connection stayed healthy.
 
-    A peer that accepts and then fails (a CONNACK, then the socket closed mid-PUBACK) must
-    not reset the backoff: resetting on every CONNACK made an agent reconnect 3-4 times a
-    second, forever. So the ceiling grows with every attempt (capped, full jitter, as
-    `backoff_delays`) and falls back to `base_s` only when the connection that just ended
-    had lasted `healthy_after_s`.
+    Each delay is uniform in [0, min(cap_s, base_s * factor**attempt)]: full jitter spreads a
+    fleet's reconnects after a broker restart instead of having every car knock at the same
+    instant. A peer that accepts and then fails (a CONNACK, then the socket closed
+    mid-PUBACK) must not reset the backoff: resetting on every CONNACK made an agent
+    reconnect 3-4 times a second, forever. So the ceiling grows with every attempt and
+    falls back to `base_s` only when the connection that just ended had lasted
+    `healthy_after_s`.
     """
 
     base_s: float = 0.5
