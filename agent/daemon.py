@@ -268,12 +268,9 @@ class Agent:
                 self._log.error(
                     "metrics_unavailable", port=self.config.agent.metrics_port, error=str(exc)
                 )
-        try:  # a disk already full at start: the gate starts closed, not at the first job
-            await self._io(self._jobs.probe, self._clock())
-        except Exception as exc:
-            if not is_storage_error(exc):
-                raise
-            self._state_failed(exc, "starting")
+        # A disk already full at start: the gate starts closed, not at the first job.
+        if (refused := await self._disk_refusal()) is not None:
+            self._state_failed(refused, "starting")
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._watch_vehicle(), name="vehicle-watch")
@@ -326,13 +323,19 @@ class Agent:
             )
             self.observe(self._clock())
 
-    async def _probe_state(self) -> None:
-        """Try the state disk again; on success file the results held meanwhile and reopen."""
+    async def _disk_refusal(self) -> BaseException | None:
+        """What the state disk raises when tried (JobStore.probe), or None if it takes writes."""
         try:
             await self._io(self._jobs.probe, self._clock())
         except Exception as exc:
             if not is_storage_error(exc):
                 raise
+            return exc
+        return None
+
+    async def _probe_state(self) -> None:
+        """Try the state disk again; on success file the results held meanwhile and reopen."""
+        if await self._disk_refusal() is not None:
             return
         held, self._unfiled = self._unfiled, []
         for i, done in enumerate(held):
