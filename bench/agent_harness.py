@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiomqtt
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -19,9 +18,8 @@ from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.messages import ModelRef
 from agent.wire.mqtt import NO_DELAY
-from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
-from bench.common import bench_job, broker, model_dir, model_ref, vehicle_config
+from bench.common import bench_job, broker, burn_inputs, model_dir, model_ref, vehicle_config
 
 VID = "bench-car"
 
@@ -38,10 +36,7 @@ class Pusher:
             f"b{self.n:05d}",
             VID,
             self.burn,
-            {
-                "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
-                "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
-            },
+            burn_inputs(rows),
             job_key=self.job_key,
             requester=self.requester,
             max_runtime_s=3600,

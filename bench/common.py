@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -320,3 +321,11 @@ def cpu_ns(pid: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return total
+
+
+def burn_inputs(rows: int) -> dict[str, Tensor]:
+    """Inputs of the compute-bound `burn` model: about 40 us of one core per row."""
+    return {
+        "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
+        "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
+    }

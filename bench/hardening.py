@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -49,12 +48,12 @@ from agent.wire.codec import dump_model
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits
 from agent.wire.mqtt import NO_DELAY
-from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from bench.common import (
     agent_process,
     bench_job,
     broker,
+    burn_inputs,
     cpu_ns,
     fleet_node,
     median,
@@ -70,13 +69,6 @@ from tests.hostile_broker import HostileBroker  # the test double the adversaria
 
 VID = "hard-car"
 IDLE_W, MAX_W = 4.0, 30.0  # the parked-charging car's compute module
-
-
-def _burn(rows: int) -> dict[str, Tensor]:
-    return {
-        "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
-        "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
-    }
 
 
 # ---- 2: preemptions through the fleet's queue --------------------------------------------
@@ -101,7 +93,7 @@ async def preemption_storm(workdir: Path) -> dict[str, Any]:
         template = JobTemplate(
             job_class="storm",
             model=model_ref(models, "burn"),
-            inputs=_burn(50_000),
+            inputs=burn_inputs(50_000),
             limits=Limits(max_runtime_s=60),
             requester_key=raw_public(requester.public_key()),
             lifetime_s=3600,
@@ -234,7 +226,7 @@ class Pusher:
             f"h{self.n:05d}",
             VID,
             self.burn,
-            _burn(rows),
+            burn_inputs(rows),
             job_key=self.job_key,
             requester=self.requester,
             max_runtime_s=600,

@@ -34,7 +34,6 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
-import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -42,12 +41,12 @@ from agent.control import request
 from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.mqtt import NO_DELAY
-from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from bench.common import (
     agent_process,
     bench_job,
     broker,
+    burn_inputs,
     cpu_ns,
     median,
     model_dir,
@@ -163,10 +162,7 @@ class Rig:
             f"p{self.n:05d}",
             VID,
             self.burn,
-            {
-                "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
-                "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
-            },
+            burn_inputs(rows),
             job_key=self.job_key,
             requester=self.requester,
             max_runtime_s=3600,

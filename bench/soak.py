@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -35,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.control import request
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits
-from agent.wire.tensors import Tensor
 from bench.common import (
     broker,
+    burn_inputs,
     fleet_node,
     model_dir,
     model_ref,
@@ -84,10 +83,7 @@ async def run(jobs: int, rows: int, mode: str = "cable") -> dict[str, Any]:
         template = JobTemplate(
             job_class="soak",
             model=burn,
-            inputs={
-                "x": Tensor.from_numpy(np.ones((1, 256), np.float32)),
-                "rows_by_256": Tensor.from_numpy(np.array([rows, 256], np.int64)),
-            },
+            inputs=burn_inputs(rows),
             limits=Limits(max_runtime_s=60),
             requester_key=raw_public(requester.public_key()),
             lifetime_s=3600,
