@@ -8,13 +8,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import AgentConfig
+from agent.core.trust import Trust
 from agent.daemon import Agent
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
-from agent.logs import get_logger
+from agent.kit.keyfiles import KeyFileError, load_key_ring, load_signing_key
+from agent.kit.logs import get_logger
+from agent.kit.mqtt import client_tls
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger, StateError
-from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.host import HostVehicle, discover_power
 from agent.vehicle.scenario import Scenario, ScenarioError, load_scenario
@@ -23,8 +25,6 @@ from agent.vehicle.sensors.mains import MainsSupply
 from agent.vehicle.sensors.thermal import HottestZone
 from agent.vehicle.snapshot import VehicleSignals
 from agent.wire.errors import WireError
-from agent.wire.keys import KeyFileError, KeyRing, load_signing_key
-from agent.wire.mqtt import client_tls
 
 
 class StartupError(Exception):
@@ -80,7 +80,7 @@ def build_trust(config: AgentConfig, jobs: JobStore, now: float) -> Trust:
     fixed key list of a bench rig."""
     keys = config.keys
     if keys.trusted_job_keys is not None:
-        ring = KeyRing.load(keys.trusted_job_keys)
+        ring = load_key_ring(keys.trusted_job_keys)
         if len(ring) == 0:
             raise StartupError(f"{keys.trusted_job_keys} lists no job-signing key")
         return Trust(ring=ring)

@@ -23,10 +23,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent import logs
 from agent.config import DEFAULT_PATH, ConfigError, load_config
-from agent.exitcodes import ExitCode
-from agent.wire.keys import key_id, public_b64, write_private_key
+from agent.kit import logs
+from agent.kit.exitcodes import ExitCode
+from agent.kit.keyfiles import write_private_key
+from agent.wire.keys import key_id, public_b64
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -114,7 +115,7 @@ def _parse_fields(pairs: list[str]) -> dict[str, str]:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from agent.control import ControlError, request
+    from agent.runtime.control import ControlError, request
 
     try:
         path = _socket_path(args)

@@ -21,8 +21,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.core.schedule import AllowedHours, parse_window
+from agent.kit.mqtt import is_loopback
 from agent.wire.codec import REGEX_ENGINE, exactly
-from agent.wire.mqtt import is_loopback
 from agent.wire.topics import VEHICLE_ID_PATTERN
 
 DEFAULT_PATH = Path("/etc/edge-agent/agent.toml")

@@ -44,21 +44,22 @@ from paho.mqtt.properties import Properties
 
 from agent import BUILT_ON, __version__
 from agent.config import AgentConfig
-from agent.control import ControlError, serve_control
 from agent.core.admission import AdmissionContext, HeldModel, admit
-from agent.core.backoff import ReconnectBackoff
 from agent.core.clock import raised_floor, start_floor, trusted_now
 from agent.core.energy import EnergyMeter
 from agent.core.gate import Gate, GateDecision, GateInputs, GatePolicy, GateReason
 from agent.core.governor import PowerGovernor
+from agent.core.trust import Trust
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
-from agent.logs import get_logger
-from agent.metrics import AgentMetrics
+from agent.kit.backoff import ReconnectBackoff
+from agent.kit.logs import get_logger
+from agent.kit.mqtt import NO_DELAY, guard_packet_size, publish_acked
+from agent.runtime.control import ControlError, serve_control
+from agent.runtime.metrics import AgentMetrics
+from agent.runtime.systemd import Notifier
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger, is_storage_error
-from agent.supervision import Notifier
-from agent.trust import Trust
 from agent.vehicle.emulated import EmulatedVehicle
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
 from agent.vehicle.uevents import UeventWatcher
@@ -78,7 +79,6 @@ from agent.wire.messages import (
     VehicleStatus,
     WorkRequest,
 )
-from agent.wire.mqtt import NO_DELAY, guard_packet_size, publish_acked
 from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import POLICY_TOPIC, Channel, topic

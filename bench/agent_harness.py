@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.assembly import build_agent
 from agent.config import load_config
 from agent.daemon import Agent
+from agent.kit.mqtt import NO_DELAY
 from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.messages import ModelRef
-from agent.wire.mqtt import NO_DELAY
 from agent.wire.topics import Channel, topic
 from bench.common import bench_job, broker, burn_inputs, model_dir, model_ref, vehicle_config
 

@@ -42,12 +42,12 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.control import request
+from agent.kit.mqtt import NO_DELAY
+from agent.runtime.control import request
 from agent.wire import envelope
 from agent.wire.codec import dump_model
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits
-from agent.wire.mqtt import NO_DELAY
 from agent.wire.topics import Channel, topic
 from bench.common import (
     agent_process,

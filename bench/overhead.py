@@ -27,11 +27,11 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.kit.keyfiles import load_signing_key
+from agent.kit.mqtt import NO_DELAY
 from agent.wire import envelope
 from agent.wire.bundle import sign_job_bundle
 from agent.wire.codec import dump_model
-from agent.wire.keys import load_signing_key
-from agent.wire.mqtt import NO_DELAY
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from bench.common import (

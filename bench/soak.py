@@ -31,7 +31,7 @@ import psutil
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.control import request
+from agent.runtime.control import request
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits
 from bench.common import (

@@ -40,8 +40,9 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent import logs
-from agent.exitcodes import ExitCode
+from agent.kit import logs
+from agent.kit.exitcodes import ExitCode
+from agent.kit.keyfiles import load_requester_key, load_signing_key, write_private_key
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import (
@@ -51,11 +52,8 @@ from agent.wire.keys import (
     VehicleRegistryFile,
     ed25519_public,
     key_id,
-    load_requester_key,
-    load_signing_key,
     public_b64,
     raw_public,
-    write_private_key,
 )
 from agent.wire.topics import check_vehicle_id
 
@@ -229,7 +227,7 @@ def _policy_sign(args: argparse.Namespace) -> int:
 
 def _plaintext_refused(args: argparse.Namespace) -> bool:
     """True (and says so) when a fleet tool is asked to talk plaintext to a remote broker."""
-    from agent.wire.mqtt import is_loopback
+    from agent.kit.mqtt import is_loopback
 
     if args.pki is None and not is_loopback(args.host):
         print(
@@ -241,7 +239,7 @@ def _plaintext_refused(args: argparse.Namespace) -> bool:
 
 
 async def _policy_publish(args: argparse.Namespace) -> int:
-    from agent.wire.mqtt import client_tls
+    from agent.kit.mqtt import client_tls
     from agent.wire.policy import load_root_policy
     from broker.policy import publish_policy
     from broker.provision import FleetPki
@@ -384,7 +382,7 @@ async def _serve(args: argparse.Namespace) -> int:
     )
     tls = None
     if args.pki is not None:
-        from agent.wire.mqtt import client_tls
+        from agent.kit.mqtt import client_tls
         from broker.provision import FleetPki
 
         pki = FleetPki(args.pki)

@@ -25,9 +25,10 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from agent.wire.keys import load_signing_key, raw_public, write_private_key
+from agent.kit.keyfiles import load_signing_key, write_private_key
+from agent.kit.mqtt import client_tls
+from agent.wire.keys import raw_public
 from agent.wire.messages import Limits, ModelRef
-from agent.wire.mqtt import client_tls
 from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode

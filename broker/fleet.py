@@ -19,15 +19,15 @@ from collections.abc import Callable
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.core.backoff import ReconnectBackoff
-from agent.logs import get_logger
+from agent.kit.backoff import ReconnectBackoff
+from agent.kit.logs import get_logger
+from agent.kit.mqtt import NO_DELAY, publish_acked
 from agent.wire import envelope
 from agent.wire.bundle import sign_job_bundle
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import key_id
 from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, WorkRequest
-from agent.wire.mqtt import NO_DELAY, publish_acked
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
 from broker.queue import JobQueue, Lease, counts_as_failure

@@ -16,8 +16,8 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from agent.kit.mqtt import NO_DELAY, publish_acked
 from agent.wire.keys import key_id, raw_public
-from agent.wire.mqtt import NO_DELAY, publish_acked
 from agent.wire.policy import DelegatedKey, RequesterKey, TrustPolicy, sign_policy, trusted_key
 from agent.wire.topics import POLICY_TOPIC
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from agent import logs
+from agent.kit import logs
 from broker.local import LocalMosquitto
 from tests.support import FleetKeys
 

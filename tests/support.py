@@ -21,12 +21,13 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from agent.assembly import build_agent
 from agent.config import load_config
 from agent.daemon import Agent
-from agent.exitcodes import ExitCode
+from agent.kit.exitcodes import ExitCode
+from agent.kit.keyfiles import write_private_key
+from agent.kit.mqtt import NO_DELAY, client_tls
 from agent.wire import envelope
 from agent.wire.codec import dump_model
-from agent.wire.keys import KeyRing, key_id, raw_public, write_private_key
+from agent.wire.keys import KeyRing, key_id, raw_public
 from agent.wire.messages import JobSpec, Limits, ModelRef
-from agent.wire.mqtt import NO_DELAY, client_tls
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
 from broker.policy import make_policy, signed_policy

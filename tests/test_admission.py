@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from agent.core.admission import AdmissionContext, HeldModel, InputSpec, admit
-from agent.core.backoff import ReconnectBackoff
+from agent.kit.backoff import ReconnectBackoff
 from agent.wire.errors import Reason, WireError
 from agent.wire.messages import ModelRef
 from agent.wire.tensors import Tensor

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigError, load_config, parse_config
-from agent.exitcodes import ExitCode
+from agent.kit.exitcodes import ExitCode
 
 GOOD = """
 [owner]

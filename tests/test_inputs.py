@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.control import _handle
-from agent.exitcodes import ExitCode
 from agent.inference.store import ModelStore, ModelStoreError
-from agent.wire.keys import KeyFileError, KeyRing, load_requester_key, load_signing_key
+from agent.kit.exitcodes import ExitCode
+from agent.kit.keyfiles import KeyFileError, load_key_ring, load_requester_key, load_signing_key
+from agent.runtime.control import _handle
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.queue import JobQueue
@@ -84,7 +84,7 @@ def test_trusted_keys_file_errors_name_the_problem(tmp_path, content, needle):
     path = tmp_path / "trusted.json"
     path.write_bytes(content)
     with pytest.raises(KeyFileError, match=needle):
-        KeyRing.load(path)
+        load_key_ring(path)
 
 
 def _pem(key) -> bytes:

@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
-from agent.exitcodes import ExitCode
 from agent.inference.modelcheck import ModelCheckError, check_model, inspect_model
 from agent.inference.store import STAGING, ModelStore, ModelStoreError
+from agent.kit.exitcodes import ExitCode
 from tests.support import MODELS, FleetKeys, write_vehicle
 
 ONNX_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64"}

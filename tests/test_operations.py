@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from agent.supervision import Notifier
+from agent.runtime.systemd import Notifier
 from broker.local import free_port
 from tests.support import job_spec, observing, running_agent, signed, wait_for, write_vehicle
 
@@ -117,7 +117,7 @@ def test_the_daemon_reads_its_key_without_the_general_key_loader(tmp_path):
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    from agent.wire.keys import write_private_key
+    from agent.kit.keyfiles import write_private_key
 
     key = Ed25519PrivateKey.generate()
     write_private_key(tmp_path / "vehicle.key", key)
@@ -125,7 +125,7 @@ def test_the_daemon_reads_its_key_without_the_general_key_loader(tmp_path):
 import sys
 from pathlib import Path
 import agent.assembly, agent.cli, agent.daemon
-from agent.wire.keys import load_signing_key
+from agent.kit.keyfiles import load_signing_key
 key = load_signing_key(Path({str(tmp_path / "vehicle.key")!r}))
 print("public:", key.public_key().public_bytes_raw().hex())
 print("loaded:", sorted(m for m in sys.modules if m.endswith((".serialization", ".rsa", ".dsa"))))
@@ -146,7 +146,7 @@ def test_metrics_off_record_nothing_and_never_load_prometheus_client():
 
     probe = """
 import sys
-from agent.metrics import AgentMetrics
+from agent.runtime.metrics import AgentMetrics
 m = AgentMetrics(enabled=False)
 m.jobs.labels(kind="succeeded", reason="").inc()
 m.gate(True, ["not_parked"])

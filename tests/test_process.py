@@ -11,7 +11,7 @@ import sys
 import aiomqtt
 import pytest
 
-from agent.exitcodes import ExitCode
+from agent.kit.exitcodes import ExitCode
 from broker.demo import run_demo
 from tests.support import refused_at_start, wait_for, write_vehicle
 

@@ -13,7 +13,7 @@ import aiomqtt
 import pytest
 
 from agent.cli import main as agent_cli
-from agent.control import request
+from agent.runtime.control import request
 from agent.state.ledger import EnergyLedger
 from agent.wire.bundle import decode_result_body, verify_result
 from agent.wire.keys import KeyRing

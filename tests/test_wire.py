@@ -18,13 +18,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import BaseModel
 
+from agent.kit.mqtt import publish_acked
 from agent.wire import envelope
 from agent.wire.bundle import decode_result_body, encode_result_body, sign_result, verify_result
 from agent.wire.codec import dump_model, exactly, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing, key_id
 from agent.wire.messages import SUITE, JobSpec, ResultBody, SealedResult
-from agent.wire.mqtt import publish_acked
 from agent.wire.sealing import open_sealed, result_info, seal
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, check_vehicle_id, parse_topic, topic

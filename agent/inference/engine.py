@@ -43,7 +43,7 @@ from pydantic import ValidationError
 from agent.core.admission import HeldModel
 from agent.inference import frames
 from agent.inference.frames import Frame
-from agent.logs import get_logger
+from agent.kit.logs import get_logger
 from agent.wire.errors import Reason, WireError
 from agent.wire.tensors import Tensor
 

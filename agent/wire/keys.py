@@ -3,7 +3,8 @@
 Ed25519 signs jobs (fleet) and results (vehicle); X25519 receives sealed
 results (requester). A key id is sha256(raw public key)[:16] in hex: a hint
 for finding the key, never a security decision. Private keys are PEM PKCS#8
-files written 0600; public keys travel as base64 of the raw 32 bytes.
+(written 0600 by agent/kit/keyfiles.py, the file edge: this module reads no file);
+public keys travel as base64 of the raw 32 bytes.
 
 The vehicle reads one private key at start, in the one encoding this module (and
 `openssl genpkey`) writes: RFC 8410's PKCS#8, 16 fixed bytes then the 32-byte
@@ -19,8 +20,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import os
-from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -51,26 +50,19 @@ def key_id(key: Ed25519PublicKey | X25519PublicKey) -> str:
     return hashlib.sha256(raw_public(key)).hexdigest()[:16]
 
 
-def write_private_key(path: Path, key: Ed25519PrivateKey | X25519PrivateKey) -> None:
-    """Write `key` as PEM PKCS#8, readable by the owner only; refuses to overwrite."""
+def private_pem(key: Ed25519PrivateKey | X25519PrivateKey) -> bytes:
+    """`key` as PEM PKCS#8 (RFC 8410), the one form this project writes."""
     from cryptography.hazmat.primitives import serialization
 
-    pem = key.private_bytes(
+    return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
 
 
-def _read_private(path: Path) -> object:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+def private_key_from_pem(data: bytes, where: str) -> Ed25519PrivateKey | X25519PrivateKey | object:
+    """The private key in `data` (read from `where`, named in errors); KeyFileError if none."""
     key = _read_rfc8410(data)
     if key is not None:
         return key
@@ -79,7 +71,7 @@ def _read_private(path: Path) -> object:
     try:
         return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
-        raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from None
+        raise KeyFileError(f"{where} is not an unencrypted PEM private key: {exc}") from None
 
 
 def _read_rfc8410(pem: bytes) -> Ed25519PrivateKey | X25519PrivateKey | None:
@@ -102,17 +94,17 @@ def _read_rfc8410(pem: bytes) -> Ed25519PrivateKey | X25519PrivateKey | None:
     return None
 
 
-def load_signing_key(path: Path) -> Ed25519PrivateKey:
-    key = _read_private(path)
+def signing_key_from_pem(data: bytes, where: str) -> Ed25519PrivateKey:
+    key = private_key_from_pem(data, where)
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an Ed25519 key")
+        raise KeyFileError(f"{where} holds a {type(key).__name__}, expected an Ed25519 key")
     return key
 
 
-def load_requester_key(path: Path) -> X25519PrivateKey:
-    key = _read_private(path)
+def requester_key_from_pem(data: bytes, where: str) -> X25519PrivateKey:
+    key = private_key_from_pem(data, where)
     if not isinstance(key, X25519PrivateKey):
-        raise KeyFileError(f"{path} holds a {type(key).__name__}, expected an X25519 key")
+        raise KeyFileError(f"{where} holds a {type(key).__name__}, expected an X25519 key")
     return key
 
 
@@ -215,27 +207,23 @@ class KeyRing:
         return dump_model(TrustedKeysFile(version=1, keys=entries))
 
     @classmethod
-    def load(cls, path: Path) -> KeyRing:
-        """Read a trusted-keys file; raise KeyFileError on anything wrong with it."""
-        try:
-            raw = path.read_bytes()
-        except OSError as exc:
-            raise KeyFileError(f"cannot read trusted keys {path}: {exc.strerror}") from None
+    def from_file(cls, raw: bytes, where: str) -> KeyRing:
+        """Parse a trusted-keys file's bytes; KeyFileError (naming `where`) on anything wrong."""
         try:
             parsed = parse_model(
                 raw, TrustedKeysFile, what="trusted keys file", reason=Reason.MALFORMED_PAYLOAD
             )
         except WireError as exc:
-            raise KeyFileError(f"{path}: {exc.detail}") from None
+            raise KeyFileError(f"{where}: {exc.detail}") from None
         keys: dict[str, Ed25519PublicKey] = {}
         for entry in parsed.keys:
             try:
                 pub = ed25519_public(entry.public_key)
             except ValueError as exc:
-                raise KeyFileError(f"{path}: key {entry.keyid}: {exc}") from None
+                raise KeyFileError(f"{where}: key {entry.keyid}: {exc}") from None
             if key_id(pub) != entry.keyid:
                 raise KeyFileError(
-                    f"{path}: keyid {entry.keyid} does not match its public key "
+                    f"{where}: keyid {entry.keyid} does not match its public key "
                     f"(expected {key_id(pub)})"
                 )
             keys[entry.keyid] = pub

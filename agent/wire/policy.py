@@ -11,7 +11,7 @@ only if:
 The very first policy comes with the vehicle (a file installed with it) and must
 be signed by a threshold of its own roots.
 
-The agent holds one policy at a time (agent/trust.py); this module is the
+The agent holds one policy at a time (agent/core/trust.py); this module is the
 decision, pure and tested on its own.
 """
 

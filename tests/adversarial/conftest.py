@@ -95,7 +95,7 @@ def private_rig(pki: FleetPki, fleet: FleetKeys, tmp_path: Path) -> Iterator[Rig
 
 async def publish_policy_as(rig: Rig, raw: bytes, who: str = "fleet") -> None:
     """Publish `raw` retained on the policy topic with the fleet's (or a vehicle's) certificate."""
-    from agent.wire.mqtt import client_tls
+    from agent.kit.mqtt import client_tls
     from broker.policy import publish_policy
 
     identity = rig.pki.fleet if who == "fleet" else rig.pki.vehicle(who)

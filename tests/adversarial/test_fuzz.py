@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.core.admission import AdmissionContext, admit
+from agent.core.trust import Trust
 from agent.inference.store import ModelStore
-from agent.trust import Trust
 from agent.wire import envelope
 from agent.wire.bundle import (
     MAGIC,

@@ -67,7 +67,7 @@ async def test_only_the_requester_can_read_a_result_and_other_vehicles_get_none(
 
     import aiomqtt
 
-    from agent.wire.mqtt import client_tls
+    from agent.kit.mqtt import client_tls
 
     identity = rig.pki.vehicle(OTHER)
     spy = aiomqtt.Client(

@@ -11,7 +11,7 @@ import time
 import aiomqtt
 import pytest
 
-from agent.wire.mqtt import NO_DELAY, client_tls
+from agent.kit.mqtt import NO_DELAY, client_tls
 from agent.wire.topics import Channel, topic
 from broker.local import LocalMosquitto, free_port
 from broker.provision import FleetPki, ProvisionError, provision
@@ -273,7 +273,7 @@ async def test_a_flood_of_jobs_is_bounded_and_every_job_answered(
         succeeded = [j for j in ids if "succeeded" in obs.kinds(j)]
         assert len(obs.results) == len(succeeded)
         assert agent.counts["released:busy"] == len(busy) > 0
-        assert agent.metrics.inbound_dropped._value.get() == agent.counts["inbound_dropped"]
+        assert agent.runtime.metrics.inbound_dropped._value.get() == agent.counts["inbound_dropped"]
         await obs.send_job(signed(job_spec(fleet, "veh-a", job_id="job-after"), fleet.job_key))
         await wait_for(lambda: "succeeded" in obs.kinds("job-after"), what="served after")
 

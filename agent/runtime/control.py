@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.logs import get_logger
+from agent.kit.logs import get_logger
 
 MAX_REQUEST_BYTES = 4096
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
