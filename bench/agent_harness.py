@@ -62,7 +62,7 @@ async def agent_with_pusher(
         task = asyncio.create_task(the_agent.run(stop), name="bench-agent")
         try:
             async with aiomqtt.Client("127.0.0.1", b.port, socket_options=NO_DELAY) as client:
-                while not the_agent._connected.is_set():
+                while not the_agent.status()["connected"]:
                     await asyncio.sleep(0.01)
                 yield the_agent, Pusher(client, job_key, burn)
         finally:

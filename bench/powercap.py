@@ -48,7 +48,7 @@ async def _run_job(
         t = time.perf_counter() - start
         for at in [a for a in pending if a <= t]:
             _set_cap(agent, pending.pop(at))
-        cpu = agent._engine.cpu_seconds()
+        cpu = agent.status()["worker"]["cpu_s"]
         if cpu is not None:
             trace.append((t, cpu, agent.config.limits.power_cap_w))
         await asyncio.sleep(SAMPLE_S)

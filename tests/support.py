@@ -174,7 +174,7 @@ async def running_agent(files: VehicleFiles) -> AsyncIterator[Agent]:
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop), name=f"agent-{files.vehicle_id}")
     try:
-        await wait_for(lambda: agent._connected.is_set(), what="agent connected")
+        await wait_for(lambda: agent.status()["connected"], what="agent connected")
         yield agent
     finally:
         stop.set()

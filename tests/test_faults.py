@@ -314,7 +314,7 @@ async def test_a_clock_set_backwards_does_not_revive_expired_jobs(mosquitto, fle
         task = asyncio.create_task(agent.run(stop))
         try:
             async with observing(mosquitto.port, "veh-clock") as obs:
-                await wait_for(agent._connected.is_set, what="connected")
+                await wait_for(lambda: agent.status()["connected"], what="connected")
                 for raw in jobs:
                     await obs.send_job(raw)
                 await wait_for(
@@ -348,13 +348,15 @@ async def test_replay_record_forgets_expired_jobs_in_memory_and_on_disk(fleet, t
     """A long-running agent prunes job ids whose jobs expired, so its replay record stays bounded."""
     from agent.assembly import build_agent
     from agent.config import load_config
+    from agent.state.jobs import JobStore
 
     files = write_vehicle(tmp_path, "veh-prune", port=1, fleet=fleet)
     agent = build_agent(load_config(files.config_path))
     now = time.time()
-    agent._seen[("old", 1)] = now - 10
-    agent._seen[("live", 1)] = now + 600
-    agent._jobs.remember("old", 1, now - 10, accepted=False, now=now)
-    await agent._prune_replay_record()
-    assert set(agent._seen) == {("live", 1)}
-    assert ("old", 1) not in agent._jobs.load_seen(now - 100)
+    journal = JobStore(files.config_path.parent / "state" / "state.db")
+    agent.intake.seen[("old", 1)] = now - 10
+    agent.intake.seen[("live", 1)] = now + 600
+    journal.remember("old", 1, now - 10, accepted=False, now=now)
+    await agent.intake.prune()
+    assert set(agent.intake.seen) == {("live", 1)}
+    assert ("old", 1) not in journal.load_seen(now - 100)

@@ -25,7 +25,9 @@ import psutil
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-import agent.daemon
+import agent.core.intake
+import agent.runtime.link
+import agent.runtime.results
 from agent.assembly import build_agent
 from agent.config import load_config
 from agent.inference.engine import WorkerEngine
@@ -168,8 +170,8 @@ def _fail_once(
 
 STAGES = {
     # stage: (where, name, error, event kind, reason, or None where the result must arrive)
-    "parse": (agent.daemon, "parse_model", RuntimeError("parser bug"), "rejected", "agent_error"),
-    "admit": (agent.daemon, "admit", KeyError("admission bug"), "rejected", "agent_error"),
+    "parse": (agent.core.intake, "parse_model", RuntimeError("parser bug"), "rejected", "agent_error"),
+    "admit": (agent.core.intake, "admit", KeyError("admission bug"), "rejected", "agent_error"),
     "worker start": (
         asyncio,
         "create_subprocess_exec",
@@ -179,7 +181,7 @@ STAGES = {
     ),
     "run": (WorkerEngine, "run", RuntimeError("engine bug"), "failed", "agent_error"),
     "seal": (
-        agent.daemon,
+        agent.runtime.results,
         "seal",
         ValueError("Error computing shared key."),
         "failed",
@@ -193,7 +195,7 @@ STAGES = {
         None,
     ),
     "publish": (
-        agent.daemon,
+        agent.runtime.link,
         "publish_acked",
         ValueError("payload too large"),
         "failed",

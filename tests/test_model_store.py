@@ -3,6 +3,7 @@ models with external data or operator domains outside the allowlist never reach 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import shutil
@@ -284,16 +285,21 @@ async def test_a_reload_picks_up_an_installed_model_and_only_then_rereads_the_st
     fleet = FleetKeys()
     files = write_vehicle(tmp_path, "veh-models", port=mosquitto.port, fleet=fleet)
     async with observing(mosquitto.port, "veh-models") as obs, running_agent(files) as agent:
-        before = agent._store
+        reopened: list[str] = []
+        agent.watch_happenings(
+            lambda h: reopened.append(h.event) if h.event == "models_reopened" else None
+        )
         agent.reload(load_config(files.config_path))
-        assert agent._store is before
+        await asyncio.sleep(0.3)
+        assert reopened == [], "nothing installed: the store is not read again"
         source = MODELS / "burn.onnx"
         sha = _sha(source.read_bytes())
         ModelStore.open(MODELS, installed=files.config_path.parent / "state" / "models").install(
             source, name="burn-b", sha256=sha
         )
         agent.reload(load_config(files.config_path))
-        await wait_for(lambda: "burn-b" in agent._store.held, what="burn-b held")
+        await wait_for(lambda: "burn-b" in agent.status()["models"], what="burn-b held")
+        assert reopened == ["models_reopened"]
         ref = ModelRef(name="burn-b", sha256=sha, size=source.stat().st_size)
         spec = burn_spec(fleet, "veh-models", rows=10)
         spec = spec.model_copy(update={"model": ref})

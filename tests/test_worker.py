@@ -259,10 +259,12 @@ async def test_job_that_crashes_the_worker_twice_is_not_run_again(mosquitto, fle
             await obs.send_job(
                 signed(burn_spec(fleet, "veh-crash", rows=500_000, attempt=attempt), fleet.job_key)
             )
-            await wait_for(lambda: agent._engine.busy, what="busy")
-            base = agent._engine.cpu_seconds() or 0.0
-            await wait_for(lambda b=base: (agent._engine.cpu_seconds() or 0) > b + 0.2, what="run")
-            os.kill(agent._engine.pid, signal.SIGSEGV)
+            await wait_for(lambda: agent.status()["worker"]["computing"], what="busy")
+            base = agent.status()["worker"]["cpu_s"] or 0.0
+            await wait_for(
+                lambda b=base: (agent.status()["worker"]["cpu_s"] or 0) > b + 0.2, what="run"
+            )
+            os.kill(agent.status()["worker"]["pid"], signal.SIGSEGV)
             await wait_for(
                 lambda a=attempt: [
                     e for e in obs.events if e["kind"] == "failed" and e["attempt"] == a
@@ -290,8 +292,8 @@ async def test_gate_close_preempts_the_real_worker_at_once(mosquitto, fleet, tmp
     files = write_vehicle(tmp_path, "veh-pre", port=mosquitto.port, fleet=fleet)
     async with observing(mosquitto.port, "veh-pre") as obs, running_agent(files) as agent:
         await obs.send_job(signed(burn_spec(fleet, "veh-pre", rows=500_000), fleet.job_key))
-        await wait_for(lambda: (agent._engine.cpu_seconds() or 0) > 0.2, what="worker busy")
-        pid = agent._engine.pid
+        await wait_for(lambda: (agent.status()["worker"]["cpu_s"] or 0) > 0.2, what="worker busy")
+        pid = agent.status()["worker"]["pid"]
         agent.set_vehicle({"gear": "D"})
         # How fast is for `make bench` to measure; here: it stops, without waiting on the job.
         assert stops_using_cpu(pid)
@@ -314,27 +316,27 @@ async def test_a_preemption_whose_cancellation_is_lost_is_still_a_preemption(
 
     files = write_vehicle(tmp_path, "veh-lost", port=mosquitto.port, fleet=fleet)
     async with observing(mosquitto.port, "veh-lost") as obs, running_agent(files) as agent:
-        event_soon = agent._event_soon
+        publish = agent.link.publish_event
         announcing = asyncio.Event()
 
-        async def swallowing(job, kind, reason=None, detail=""):
-            if kind is not EventKind.RUNNING:
-                await event_soon(job, kind, reason, detail)
+        async def swallowing(event):
+            if event.kind is not EventKind.RUNNING:
+                await publish(event)
                 return
             announcing.set()
             # The acknowledgement arrives with the cancellation; wait_for keeps the first.
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.sleep(30)
 
-        agent._event_soon = swallowing
+        agent.recorder.connect(swallowing)
         await obs.send_job(signed(burn_spec(fleet, "veh-lost", rows=500_000), fleet.job_key))
         await wait_for(announcing.is_set, what="the job running")
-        pid = agent._engine.pid
+        pid = agent.status()["worker"]["pid"]
         agent.set_vehicle({"gear": "D"})
         assert stops_using_cpu(pid)
         await wait_for(lambda: "preempted" in obs.kinds(), what="preempted event")
         assert "failed" not in obs.kinds()
-        assert sum(agent._worker_crashes.values()) == 0
+        assert sum(agent.executor.crashes.values()) == 0
         assert agent.status()["current_job"] is None
 
 
@@ -347,14 +349,14 @@ async def test_gate_close_also_stops_a_staged_job(mosquitto, fleet, tmp_path):
         for job_id in ("job-1", "job-2"):
             spec = burn_spec(fleet, "veh-stage", rows=500_000, job_id=job_id)
             await obs.send_job(signed(spec, fleet.job_key))
-        await wait_for(lambda: len(agent._engine._outstanding) == 2, what="job-2 staged")
-        pid = agent._engine.pid
+        await wait_for(lambda: agent.status()["worker"]["requests"] == 2, what="job-2 staged")
+        pid = agent.status()["worker"]["pid"]
         agent.set_vehicle({"gear": "D"})
         assert stops_using_cpu(pid)
         await wait_for(lambda: "preempted" in obs.kinds("job-1"), what="job-1 preempted")
         await wait_for(lambda: "released" in obs.kinds("job-2"), what="job-2 handed back")
         assert "running" not in obs.kinds("job-2")
-        assert not agent._engine.has_work
+        assert not agent.status()["worker"]["requests"]
         await asyncio.sleep(0.3)
         assert obs.results == []
 

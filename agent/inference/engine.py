@@ -132,6 +132,12 @@ class WorkerEngine:
         return self._outstanding[0] if self._outstanding else None
 
     @property
+    def requests(self) -> int:
+        """Requests written to the worker and not yet answered (the running one, and the
+        one staged behind it)."""
+        return len(self._outstanding)
+
+    @property
     def has_work(self) -> bool:
         """A request is running or staged in the worker."""
         return self.busy or bool(self._outstanding) or self._pending is not None

@@ -97,3 +97,10 @@ def guard_packet_size(
         return receive(bufsize)
 
     paho._sock_recv = guarded  # type: ignore[method-assign]
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """The connection failed (aiomqtt's MqttError), as opposed to one message's trouble."""
+    import aiomqtt
+
+    return isinstance(exc, aiomqtt.MqttError)

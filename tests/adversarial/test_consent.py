@@ -39,14 +39,14 @@ async def test_the_car_changing_mid_job_stops_compute_and_hands_the_job_back(
     files = rig.vehicle()
     async with rig.serving(files) as (obs, agent):
         await obs.send_job(signed(burn_spec(fleet, VID, rows=500_000), fleet.job_key))
-        await wait_for(lambda: (agent._engine.cpu_seconds() or 0) > 0.1, what="worker busy")
+        await wait_for(lambda: (agent.status()["worker"]["cpu_s"] or 0) > 0.1, what="worker busy")
         agent.set_vehicle(change)
         await wait_for(lambda: "preempted" in obs.kinds(), what="preempted")
         preempted = next(e for e in obs.events if e["kind"] == "preempted")
         assert reason in preempted["reason"]
-        cpu = agent._engine.cpu_seconds()
+        cpu = agent.status()["worker"]["cpu_s"]
         await asyncio.sleep(0.2)
-        assert cpu is None or agent._engine.cpu_seconds() in (None, cpu), "compute stopped"
+        assert cpu is None or agent.status()["worker"]["cpu_s"] in (None, cpu), "compute stopped"
         requests = len(obs.work)
         await asyncio.sleep(1.0)
         assert obs.results == []
@@ -71,7 +71,7 @@ async def test_opting_out_mid_job_stops_it_at_once(rig: Rig):
     files = rig.vehicle()
     async with rig.serving(files) as (obs, agent):
         await obs.send_job(signed(burn_spec(fleet, VID, rows=500_000), fleet.job_key))
-        await wait_for(lambda: (agent._engine.cpu_seconds() or 0) > 0.1, what="worker busy")
+        await wait_for(lambda: (agent.status()["worker"]["cpu_s"] or 0) > 0.1, what="worker busy")
         files.config_path.write_text(
             files.config_path.read_text().replace("opted_in = true", "opted_in = false")
         )

@@ -13,19 +13,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.core.admission import AdmissionContext, admit
+from agent.core.intake import IntakeContext, Outcome
+from agent.core.intake import intake as core_intake
 from agent.core.trust import Trust
 from agent.inference.store import ModelStore
 from agent.wire import envelope
 from agent.wire.bundle import (
     MAGIC,
     decode_result_body,
-    is_bundle,
     sign_job_bundle,
-    verify_job_bundle,
     verify_result,
 )
-from agent.wire.codec import dump_model, parse_model
+from agent.wire.codec import dump_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.keys import KeyRing
 from agent.wire.messages import JobSpec
@@ -41,31 +40,36 @@ HONEST = json.loads(dump_model(job_spec(FLEET, VID, issued_at=NOW)))
 SETTINGS = settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def intake(raw: bytes) -> JobSpec:
-    """What the agent does with a job message before anything runs (daemon.handle_job_message)."""
-    if is_bundle(raw):
-        verified, job = verify_job_bundle(raw, trusted=TRUST.ring, max_bytes=1 << 20)
-    else:
-        verified = envelope.verify(
-            raw, payload_type=envelope.JOB_TYPE, trusted=TRUST.ring, max_bytes=1 << 20
-        )
-        job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
-    TRUST.authorize(job, verified.keyid, NOW)
-    admit(
-        job,
-        verified.keyid,
-        AdmissionContext(
-            vehicle_id=VID,
-            now=NOW,
-            max_clock_skew_s=60.0,
-            max_input_bytes=1 << 20,
-            seen={},
-            models=HELD,
-            accepted_issuers=frozenset(),
-            accepted_classes=frozenset(),
-        ),
+def context() -> IntakeContext:
+    """An open gate, a free slot, every model held: nothing but the message decides."""
+    return IntakeContext(
+        vehicle_id=VID,
+        local_now=NOW,
+        clock_floor=0.0,
+        trust=TRUST,
+        max_message_bytes=1 << 20,
+        max_clock_skew_s=60.0,
+        max_input_bytes=1 << 20,
+        seen={},
+        models=HELD,
+        crashes={},
+        gate_open=True,
+        stopping=False,
+        has_slot=True,
     )
-    return job
+
+
+def intake(raw: bytes) -> JobSpec:
+    """The agent's own intake (agent.core.intake.intake, which the daemon calls on every job
+    message): the accepted job, or the typed refusal raised as a WireError."""
+    verdict = core_intake(raw, context())
+    assert verdict.error is None, f"the intake itself failed: {verdict.error!r}"
+    if verdict.outcome is not Outcome.ACCEPT:
+        assert verdict.outcome is Outcome.REJECT, "an open gate with a free slot hands nothing back"
+        assert verdict.reason is not None
+        raise WireError(Reason(verdict.reason), verdict.detail)
+    assert verdict.job is not None and verdict.model is not None and verdict.admitted
+    return verdict.job
 
 
 def _refused(raw: bytes) -> WireError | None:

@@ -90,7 +90,7 @@ async def test_hostile_model_files_are_never_held(rig: Rig):
         await obs.send_job(signed(job_spec(fleet, VID, model=ref, inputs=inputs), fleet.job_key))
         await wait_for(lambda: "rejected" in _kinds(obs), what="refused")
         assert _event(obs, "rejected")["reason"] == "model_unavailable"
-        assert agent._engine.pid is None, "no worker was started for it"
+        assert agent.status()["worker"]["pid"] is None, "no worker was started for it"
         await rig.still_serves(obs, agent)
 
 
@@ -134,12 +134,12 @@ async def test_a_job_that_crashes_the_worker_twice_is_not_retried_here(rig: Rig)
             await wait_for(lambda w=warm: "succeeded" in obs.kinds(w), what="worker warm")
             spec = burn_spec(fleet, VID, rows=500_000, attempt=attempt)
             await obs.send_job(signed(spec, fleet.job_key))
-            await wait_for(lambda: agent._engine.busy, what="busy")
-            base = agent._engine.cpu_seconds() or 0.0
+            await wait_for(lambda: agent.status()["worker"]["computing"], what="busy")
+            base = agent.status()["worker"]["cpu_s"] or 0.0
             await wait_for(
-                lambda b=base: (agent._engine.cpu_seconds() or 0) > b + 0.1, what="running"
+                lambda b=base: (agent.status()["worker"]["cpu_s"] or 0) > b + 0.1, what="running"
             )
-            os.kill(agent._engine.pid, signal.SIGSEGV)
+            os.kill(agent.status()["worker"]["pid"], signal.SIGSEGV)
             await wait_for(lambda a=attempt: obs.kinds().count("failed") == a, what="failed")
         await obs.send_job(signed(burn_spec(fleet, VID, rows=10, attempt=3), fleet.job_key))
         await wait_for(lambda: "rejected" in obs.kinds(), what="poison refused")

@@ -117,7 +117,7 @@ async def test_agent_refuses_a_broker_it_cannot_verify(secure_broker, pki, fleet
     files = _secure_vehicle(tmp_path, "veh-a", secure_broker.port, fleet, pki, ca=other.ca)
     async with running_agent_unconnected(files) as agent:
         await wait_for(lambda: agent.counts["reconnects"] >= 1, what="a failed attempt")
-        assert not agent._connected.is_set()
+        assert not agent.status()["connected"]
 
 
 @pytest.mark.filterwarnings("ignore::ResourceWarning")
@@ -224,7 +224,7 @@ async def test_a_tls_agent_never_talks_plaintext_to_a_plaintext_broker(
     async with observing(mosquitto.port, "veh-a") as obs:
         async with running_agent_unconnected(files) as agent:
             await wait_for(lambda: agent.counts["reconnects"] >= 2, what="two failed attempts")
-            assert not agent._connected.is_set()
+            assert not agent.status()["connected"]
         seen = [e["kind"] for e in obs.events] + [str(w) for w in obs.work]
     assert seen == []
 
@@ -250,7 +250,7 @@ async def test_a_flood_of_jobs_is_bounded_and_every_job_answered(
         async def watch() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, agent._queue.qsize())
+                peak = max(peak, agent.status()["queued_jobs"])
                 await asyncio.sleep(0.005)
 
         watcher = asyncio.create_task(watch())
@@ -273,7 +273,7 @@ async def test_a_flood_of_jobs_is_bounded_and_every_job_answered(
         succeeded = [j for j in ids if "succeeded" in obs.kinds(j)]
         assert len(obs.results) == len(succeeded)
         assert agent.counts["released:busy"] == len(busy) > 0
-        assert agent.runtime.metrics.inbound_dropped._value.get() == agent.counts["inbound_dropped"]
+        assert agent.metrics.inbound_dropped._value.get() == agent.counts["inbound_dropped"]
         await obs.send_job(signed(job_spec(fleet, "veh-a", job_id="job-after"), fleet.job_key))
         await wait_for(lambda: "succeeded" in obs.kinds("job-after"), what="served after")
 
@@ -336,14 +336,18 @@ async def test_a_broker_outage_mid_job_loses_no_result(pki, fleet, tmp_path):
     restarted = None
     try:
         async with running_agent(files) as agent:
-            await wait_for(lambda: agent._current is not None, timeout=20, what="job running")
+            await wait_for(
+                lambda: agent.status()["current_job"] is not None, timeout=20, what="job running"
+            )
             broker.stop()
-            await wait_for(lambda: not agent._connected.is_set(), what="agent sees the outage")
-            await wait_for(lambda: agent._outbox_depth == 1, timeout=30, what="result in outbox")
+            await wait_for(lambda: not agent.status()["connected"], what="agent sees the outage")
+            await wait_for(
+                lambda: agent.status()["outbox"] == 1, timeout=30, what="result in outbox"
+            )
             restarted = LocalMosquitto(tmp_path / "mq2", port=port, pki=pki)
             restarted.start()
             await wait_for(lambda: job_id in collector.results, timeout=60, what="result delivered")
-            await wait_for(lambda: agent._outbox_depth == 0, what="outbox drained")
+            await wait_for(lambda: agent.status()["outbox"] == 0, what="outbox drained")
         assert list(collector.results) == [job_id]
         assert collector.duplicates == 0
     finally:

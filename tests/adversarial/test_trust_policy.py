@@ -23,7 +23,7 @@ pytestmark = pytest.mark.broker
 
 
 def _held(agent) -> int:
-    return agent._trust.policy.version
+    return agent.status()["trust_policy_version"]
 
 
 def _rejections(obs) -> list[str]:
