@@ -1,7 +1,7 @@
 # One command per chore; the same locally and in CI.
 #   make test    set up (venv, package, mosquitto) and run the suite
 #   make demo    set up and run the end-to-end demo
-#   make lint    ruff and mypy
+#   make lint    ruff, mypy and the import contracts (lint-imports)
 #   make bench   the benchmarks (about 13 minutes); JSON and a plot under bench/results/
 #   make soak    1000 jobs with the cable pulled every 3 s, then 300 with the worker killed at random
 #   make models  regenerate the shipped models (needs the models extra)
@@ -48,6 +48,7 @@ lint: setup
 	$(BIN)/ruff check agent broker tests bench models
 	$(BIN)/ruff format --check agent broker tests bench models
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: setup
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'

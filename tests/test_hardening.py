@@ -170,7 +170,13 @@ def _fail_once(
 
 STAGES = {
     # stage: (where, name, error, event kind, reason, or None where the result must arrive)
-    "parse": (agent.core.intake, "parse_model", RuntimeError("parser bug"), "rejected", "agent_error"),
+    "parse": (
+        agent.core.intake,
+        "parse_model",
+        RuntimeError("parser bug"),
+        "rejected",
+        "agent_error",
+    ),
     "admit": (agent.core.intake, "admit", KeyError("admission bug"), "rejected", "agent_error"),
     "worker start": (
         asyncio,
