@@ -310,23 +310,6 @@ async def test_a_fresh_state_directory_takes_the_policy_issue_time_as_its_floor(
             await asyncio.wait_for(task, 15)
 
 
-def test_the_floor_rises_only_as_far_as_the_local_clock():
-    """Pure rule: up to a job's issue time, never past the local clock, never down; at start the
-    latest of the stored floor, the policy's issue time and the build date."""
-    from agent.core.clock import raised_floor, start_floor
-
-    assert raised_floor(100.0, 150.0, 120.0) == 120.0
-    assert raised_floor(100.0, 110.0, 120.0) == 110.0
-    assert raised_floor(100.0, 90.0, 120.0) == 100.0
-    assert raised_floor(100.0, 150.0, 50.0) == 100.0  # clock behind: the floor holds
-    floor = 0.0
-    for i in range(1500):  # a day of jobs each issued 59 s ahead of the last
-        floor = raised_floor(floor, 1000.0 + 59.0 * (i + 1), 1000.0)
-    assert floor == 1000.0
-    assert start_floor(5.0, 7.0, 6.0) == 7.0
-    assert start_floor(5.0, None, 6.0) == 6.0
-
-
 # ---- a worker killed from outside ------------------------------------------------------
 
 
