@@ -4,6 +4,7 @@
 #   make lint    ruff, mypy and the import contracts (lint-imports)
 #   make bench   the benchmarks (about 13 minutes); JSON and a plot under bench/results/
 #   make soak    1000 jobs with the cable pulled every 3 s, then 300 with the worker killed at random
+#   make mutants mutation testing of agent/core (mutmut) with the fast tests
 #   make models  regenerate the shipped models (needs the models extra)
 
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench soak models mosquitto clean
+.PHONY: setup test demo lint bench soak mutants models mosquitto clean
 
 setup: mosquitto $(STAMP)
 
@@ -58,9 +59,17 @@ soak: setup
 	$(BIN)/python -m bench.soak --mode cable
 	$(BIN)/python -m bench.soak --mode kill-worker
 
+# Mutation testing of the pure core with its fast tests (about 2 minutes); the score is in
+# docs/architecture.md. `mutmut results` lists the survivors afterwards.
+mutants: setup
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[mutation]'
+	rm -rf mutants
+	$(BIN)/mutmut run --max-children 2
+	@$(BIN)/mutmut results | grep -v ': killed' || true
+
 models: setup
 	$(BIN)/pip install -q -e '.[models]'
 	$(BIN)/python models/build_models.py
 
 clean:
-	rm -rf $(VENV) demo-run demo-report.json .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) mutants demo-run demo-report.json .pytest_cache .mypy_cache .ruff_cache

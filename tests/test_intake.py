@@ -197,3 +197,36 @@ def test_a_fault_while_parsing_names_that_stage(monkeypatch):
 def test_the_trusted_now_is_the_later_of_clock_and_floor():
     assert ctx(local_now=10.0, clock_floor=20.0).now == 20.0
     assert ctx(local_now=30.0, clock_floor=20.0).now == 30.0
+
+
+def test_the_words_of_intakes_own_decisions():
+    """What the fleet and the log read for each hand-back and the poison refusal; a refused
+    or handed-back job still names itself."""
+    released = intake(honest(), ctx(gate_open=False))
+    assert released.detail == "vehicle not eligible now"
+    busy = intake(honest(), ctx(has_slot=False))
+    assert busy.detail == "no free slot"
+    poison = intake(honest(), ctx(crashes={"job-1": 2}))
+    assert poison.detail == "this job killed the worker twice before; not run here again"
+    for verdict in (released, busy, poison):
+        assert verdict.job is not None and verdict.job.job_id == "job-1"
+    replayed = intake(honest(), ctx(seen={("job-1", 1)}))
+    assert replayed.job is not None and replayed.job.job_id == "job-1"
+
+
+def test_a_signed_payload_that_is_not_a_job_is_a_malformed_job():
+    from agent.wire import envelope
+
+    raw = envelope.sign(envelope.JOB_TYPE, b'{"hello": 1}', FLEET.job_key)
+    verdict = intake(raw, ctx())
+    assert verdict.reason == Reason.MALFORMED_PAYLOAD.value
+    assert verdict.detail.startswith("job ")
+
+
+def test_a_fault_names_the_exceptions_type():
+    class Exploding(dict):
+        def get(self, *_a: object, **_k: object) -> None:
+            raise RuntimeError("table bug")
+
+    verdict = intake(honest(), ctx(models=Exploding()))
+    assert verdict.detail == "the agent failed at admit: RuntimeError: table bug"

@@ -109,3 +109,87 @@ def test_authorize_refuses_a_requester_the_policy_does_not_name():
     assert err.value.reason is Reason.REQUESTER_NOT_ALLOWED
     assert "v1" in err.value.detail
     trust.authorize(job_spec(fleet, "veh-1"), fleet.issuer, NOW)  # the named one passes
+
+
+def test_the_held_policy_keeps_the_exact_bytes_it_was_given():
+    """What is persisted and compared is the signed envelope as received, at each source."""
+    fleet = FleetKeys()
+    v1, v2, v3 = (fleet.policy(version=v) for v in (1, 2, 3))
+    trust, _ = Trust.from_policy(v1, None, NOW)
+    assert trust.policy is not None and trust.policy.raw == v1
+    trust, _ = Trust.from_policy(v1, v2, NOW)
+    assert trust.policy is not None and trust.policy.raw == v2
+    trust, _ = Trust.from_policy(v3, v2, NOW)
+    assert trust.policy is not None and trust.policy.raw == v3
+    stranger = FleetKeys().policy(version=9)
+    trust, _ = Trust.from_policy(stranger, v2, NOW)
+    assert trust.policy is not None and trust.policy.raw == v2
+    trust, _ = Trust.from_policy(v1, None, NOW)
+    trust.update(v2, NOW)
+    assert trust.policy is not None and trust.policy.raw == v2
+    assert trust.update(v2, NOW) is None, "the bytes held, given again: no change"
+
+
+@pytest.mark.parametrize(
+    ("scope", "detail"),
+    [
+        ({"job_classes": ("other",)}, "may not sign jobs of class 'digits-eval'"),
+        ({"models": ("f" * 64,)}, "may not sign jobs for that model"),
+    ],
+)
+def test_authorize_checks_the_keys_scope_for_this_jobs_class_and_model(scope, detail):
+    from broker.policy import make_policy, signed_policy
+
+    fleet = FleetKeys()
+    raw = signed_policy(
+        make_policy(
+            version=1,
+            roots=[fleet.root.public_key()],
+            threshold=1,
+            job_keys=[fleet.job_key.public_key()],
+            requesters=[fleet.requester.public_key()],
+            **scope,
+        ),
+        [fleet.root],
+    )
+    trust, _ = Trust.from_policy(raw, None, NOW)
+    spec = job_spec(fleet, "veh-1")
+    with pytest.raises(WireError) as err:
+        trust.authorize(spec, fleet.issuer, NOW)
+    assert err.value.reason is Reason.KEY_OUT_OF_SCOPE
+    assert detail in err.value.detail
+    in_scope = {"job_classes": (spec.job_class,)} if "job_classes" in scope else {}
+    in_scope = in_scope or {"models": (spec.model.sha256,)}
+    raw = signed_policy(
+        make_policy(
+            version=1,
+            roots=[fleet.root.public_key()],
+            threshold=1,
+            job_keys=[fleet.job_key.public_key()],
+            requesters=[fleet.requester.public_key()],
+            **in_scope,
+        ),
+        [fleet.root],
+    )
+    trust, _ = Trust.from_policy(raw, None, NOW)
+    trust.authorize(spec, fleet.issuer, NOW)
+
+
+def test_the_words_of_trusts_refusals():
+    fleet, other = FleetKeys(), FleetKeys()
+    with pytest.raises(ValueError, match="^exactly one of a key ring or a trust policy$"):
+        Trust()
+    flat = Trust(ring=KeyRing.of(fleet.job_key.public_key()))
+    with pytest.raises(WireError) as err:
+        flat.update(fleet.policy(), NOW)
+    assert err.value.detail == (
+        "this vehicle trusts a fixed key list (keys.trusted_job_keys): policy updates are ignored"
+    )
+    trust, _ = Trust.from_policy(fleet.policy(), None, NOW)
+    spec = job_spec(other, "veh-1").model_copy(update={"issuer": fleet.issuer})
+    with pytest.raises(WireError) as err:
+        trust.authorize(spec, fleet.issuer, NOW)
+    assert err.value.detail == (
+        "the trust policy v1 names no requester with that key: "
+        "a result would go to someone the fleet did not authorize"
+    )

@@ -42,7 +42,6 @@ class Trust:
     def __init__(self, *, ring: KeyRing | None = None, held: HeldPolicy | None = None) -> None:
         if (ring is None) == (held is None):
             raise ValueError("exactly one of a key ring or a trust policy")
-        self._flat = ring
         self._held = held
         self._ring = ring if ring is not None else _ring_of(held.policy)  # type: ignore[union-attr]
 
