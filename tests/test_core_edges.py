@@ -5,7 +5,6 @@ survivors of mutation testing (`make mutants`); each test names the rule it pins
 from __future__ import annotations
 
 import datetime as dt
-import time
 
 import numpy as np
 import pytest

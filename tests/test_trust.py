@@ -177,7 +177,7 @@ def test_authorize_checks_the_keys_scope_for_this_jobs_class_and_model(scope, de
 
 def test_the_words_of_trusts_refusals():
     fleet, other = FleetKeys(), FleetKeys()
-    with pytest.raises(ValueError, match="^exactly one of a key ring or a trust policy$"):
+    with pytest.raises(ValueError, match=r"^exactly one of a key ring or a trust policy$"):
         Trust()
     flat = Trust(ring=KeyRing.of(fleet.job_key.public_key()))
     with pytest.raises(WireError) as err:
