@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import os
@@ -27,11 +28,12 @@ from agent.kit.mqtt import client_tls
 from agent.wire.keys import KeyRing, key_id, raw_public
 from agent.wire.messages import JobSpec, Limits, ModelRef
 from agent.wire.tensors import Tensor
+from broker.agent_config import agent_toml
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import make_policy, signed_policy
-from broker.provision import FleetPki, agent_broker_section
+from broker.provision import FleetPki
 from broker.queue import JobQueue
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,7 +196,6 @@ def vehicle_config(
         write_private_key(d / "vehicle.key", Ed25519PrivateKey.generate())
     if pki is None:
         (d / "trusted-job-keys.json").write_bytes(KeyRing.of(job_key.public_key()).to_file())
-        trust = 'trusted_job_keys = "trusted-job-keys.json"'
     else:
         root = Ed25519PrivateKey.generate()
         policy = make_policy(
@@ -205,41 +206,28 @@ def vehicle_config(
             requesters=[(requester or X25519PrivateKey.generate()).public_key()],
         )
         (d / "trust-policy.json").write_bytes(signed_policy(policy, [root]))
-        trust = 'trust_policy = "trust-policy.json"'
     path = d / "agent.toml"
-    path.write_text(f"""
-[owner]
-opted_in = true
-consent_version = "bench"
-consent_date = 2026-11-30
-
-[vehicle]
-id = "{vehicle_id}"
-scenario = "{scenario if scenario.endswith(".toml") else SCENARIOS / (scenario + ".toml")}"
-
-[limits]
-max_compute_temp_c = 110.0
-resume_compute_temp_c = 100.0
-gate_hold_s = 0
-daily_energy_wh = 100000
-{limits}
-
-[broker]
-{agent_broker_section(pki, vehicle_id, port)}
-
-[keys]
-vehicle_key = "vehicle.key"
-{trust}
-
-[models]
-dir = "{models}"
-
-[state]
-dir = "state"
-
-[agent]
-{agent}
-""")
+    path.write_text(
+        agent_toml(
+            vehicle_id,
+            port=port,
+            pki=pki,
+            scenario=Path(scenario)
+            if scenario.endswith(".toml")
+            else SCENARIOS / (scenario + ".toml"),
+            models=models,
+            trust="keys" if pki is None else "policy",
+            settings={
+                "owner": {"consent_version": "bench", "consent_date": dt.date(2026, 11, 30)},
+                "limits": {
+                    "max_compute_temp_c": 110.0,
+                    "resume_compute_temp_c": 100.0,
+                    "daily_energy_wh": 100000,
+                },
+            },
+            raw={"limits": limits, "agent": agent},
+        )
+    )
     return path
 
 

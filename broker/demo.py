@@ -30,11 +30,12 @@ from agent.kit.mqtt import client_tls
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits, ModelRef
 from agent.wire.tensors import Tensor
+from broker.agent_config import agent_toml
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import DAY_S, make_policy, publish_policy, signed_policy
-from broker.provision import FleetPki, agent_broker_section, provision
+from broker.provision import FleetPki, provision
 from broker.queue import JobQueue, JobTemplate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,38 +60,15 @@ VEHICLES = (
 def _vehicle_config(d: Path, v: DemoVehicle, port: int, pki: FleetPki | None) -> Path:
     path = d / "agent.toml"
     path.write_text(
-        f"""# Written by the demo for {v.vehicle_id}.
-[owner]
-opted_in = true
-consent_version = "2026-11"
-consent_date = 2026-11-01
-
-[vehicle]
-id = "{v.vehicle_id}"
-scenario = "{SCENARIOS / (v.scenario + ".toml")}"
-
-[limits]
-max_compute_temp_c = 85.0
-resume_compute_temp_c = 80.0
-gate_hold_s = 0
-
-[broker]
-{agent_broker_section(pki, v.vehicle_id, port)}
-
-[keys]
-vehicle_key = "vehicle.key"
-trust_policy = "trust-policy.json"
-
-[models]
-dir = "{MODELS}"
-
-[state]
-dir = "state"
-
-[agent]
-capacity = 8
-work_request_interval_s = 0.5
-"""
+        agent_toml(
+            v.vehicle_id,
+            port=port,
+            pki=pki,
+            scenario=SCENARIOS / (v.scenario + ".toml"),
+            models=MODELS,
+            settings={"agent": {"capacity": 8, "work_request_interval_s": 0.5}},
+            header=f"Written by the demo for {v.vehicle_id}.",
+        )
     )
     return path
 

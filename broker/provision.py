@@ -214,18 +214,3 @@ def provision(folder: Path, vehicles: list[str], hosts: tuple[str, ...] = ()) ->
     for vid in vehicles:
         issue_vehicle(pki, vid)
     return pki
-
-
-def agent_broker_section(pki: FleetPki | None, vehicle_id: str, port: int) -> str:
-    """The `[broker]` keys of a vehicle's agent config: mutual TLS with this PKI's identity
-    for `vehicle_id`, or, without a PKI, plaintext to a private broker on loopback."""
-    if pki is None:
-        return (
-            "tls = false  # a private plaintext broker on loopback\n"
-            f'host = "127.0.0.1"\nport = {port}'
-        )
-    identity = pki.vehicle(vehicle_id)
-    return (
-        f'tls = true\nhost = "localhost"\nport = {port}\nca_file = "{pki.ca}"\n'
-        f'cert_file = "{identity.cert}"\nkey_file = "{identity.key}"'
-    )

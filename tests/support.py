@@ -30,8 +30,9 @@ from agent.wire.keys import KeyRing, key_id, raw_public
 from agent.wire.messages import JobSpec, Limits, ModelRef
 from agent.wire.tensors import Tensor
 from agent.wire.topics import Channel, topic
+from broker.agent_config import agent_toml
 from broker.policy import make_policy, signed_policy
-from broker.provision import FleetPki, agent_broker_section
+from broker.provision import FleetPki
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -106,47 +107,24 @@ def write_vehicle(
     write_private_key(d / "vehicle.key", key)
     (d / "trusted-job-keys.json").write_bytes(KeyRing.of(fleet.job_key.public_key()).to_file())
     (d / "trust-policy.json").write_bytes(fleet.policy())
-    anchor = (
-        'trust_policy = "trust-policy.json"'
-        if trust == "policy"
-        else 'trusted_job_keys = "trusted-job-keys.json"'
-    )
-    consent = 'consent_version = "2026-11"\nconsent_date = 2026-11-01\n' if opted_in else ""
+    owner_settings: dict[str, object] = {"opted_in": opted_in}
+    if not opted_in:
+        owner_settings |= {"consent_version": None, "consent_date": None}
     (d / "agent.toml").write_text(
-        f"""
-[owner]
-opted_in = {str(opted_in).lower()}
-{consent}{owner}
-[vehicle]
-id = "{vehicle_id}"
-scenario = "{scenario_path or SCENARIOS / (scenario + ".toml")}"
-{vehicle}
-
-[limits]
-max_compute_temp_c = 85.0
-resume_compute_temp_c = 80.0
-gate_hold_s = {hold_s}
-{limits}
-
-[broker]
-{agent_broker_section(pki, vehicle_id, port)}
-
-[keys]
-vehicle_key = "vehicle.key"
-{anchor}
-
-[models]
-dir = "{MODELS}"
-
-[state]
-dir = "state"
-
-[agent]
-capacity = 4
-work_request_interval_s = 0.3
-vehicle_poll_s = 0.02
-{extra}
-"""
+        agent_toml(
+            vehicle_id,
+            port=port,
+            pki=pki,
+            scenario=scenario_path or SCENARIOS / (scenario + ".toml"),
+            models=MODELS,
+            trust=trust,
+            settings={
+                "owner": owner_settings,
+                "limits": {"gate_hold_s": hold_s},
+                "agent": {"capacity": 4, "work_request_interval_s": 0.3, "vehicle_poll_s": 0.02},
+            },
+            raw={"owner": owner, "vehicle": vehicle, "limits": limits, "agent": extra},
+        )
     )
     return VehicleFiles(vehicle_id, d / "agent.toml", key)
 

@@ -344,3 +344,39 @@ def test_check_config_cli_reports_a_bad_environment_override(tmp_path):
     )
     assert ko.returncode == ExitCode.CONFIG
     assert "(set by the environment variable EDGE_AGENT_AGENT__CAPACITY)" in ko.stderr
+
+
+def test_the_one_agent_toml_builder_writes_configs_the_agent_loads(tmp_path):
+    """broker.agent_config.agent_toml, shared by the demo, the tests and the benchmarks: what
+    it writes loads, overrides land, None removes a key, raw lines join their section."""
+    import datetime as dt
+
+    from broker.agent_config import agent_toml
+    from tests.support import MODELS, SCENARIOS
+
+    text = agent_toml(
+        "veh-built",
+        port=1883,
+        scenario=SCENARIOS / "parked-charging.toml",
+        models=MODELS,
+        trust="keys",
+        settings={
+            "owner": {"consent_date": dt.date(2026, 12, 1)},
+            "limits": {"gate_hold_s": None, "power_cap_w": 12.5},
+            "agent": {"capacity": 3},
+        },
+        raw={"owner": '[owner.hours]\nmon = ["01:00-02:00"]', "agent": "heartbeat_s = 0.7"},
+        header='a "quoted" header',
+    )
+    path = tmp_path / "agent.toml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.vehicle.id == "veh-built"
+    assert cfg.broker.port == 1883 and cfg.broker.tls is False
+    assert cfg.keys.trusted_job_keys == tmp_path / "trusted-job-keys.json"
+    assert cfg.keys.trust_policy is None
+    assert cfg.limits.power_cap_w == 12.5
+    assert cfg.agent.capacity == 3 and cfg.agent.heartbeat_s == 0.7
+    assert "gate_hold_s" not in text
+    with pytest.raises(ValueError, match=r"no section \[ownr\]"):
+        agent_toml("v", port=1, scenario=tmp_path, models=tmp_path, settings={"ownr": {}})
