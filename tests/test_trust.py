@@ -15,18 +15,23 @@ from tests.support import FleetKeys, job_spec
 NOW = time.time()
 
 
+def _policy(fleet: FleetKeys, **kw: object) -> bytes:
+    """A policy issued at NOW (the suite may run this module minutes after importing it)."""
+    return fleet.policy(now=NOW, **kw)  # type: ignore[arg-type]
+
+
 def test_exactly_one_form_of_trust():
     fleet = FleetKeys()
     with pytest.raises(ValueError, match="exactly one"):
         Trust()
-    held, _ = Trust.from_policy(fleet.policy(), None, NOW)
+    held, _ = Trust.from_policy(_policy(fleet), None, NOW)
     with pytest.raises(ValueError, match="exactly one"):
         Trust(ring=KeyRing.of(fleet.job_key.public_key()), held=held.policy)
 
 
 def test_the_installed_policy_is_held_when_nothing_is_stored():
     fleet = FleetKeys()
-    trust, source = Trust.from_policy(fleet.policy(), None, NOW)
+    trust, source = Trust.from_policy(_policy(fleet), None, NOW)
     assert source == "installed file"
     assert trust.policy is not None and trust.policy.version == 1
     assert trust.ring.get(fleet.issuer) is not None
@@ -34,25 +39,25 @@ def test_the_installed_policy_is_held_when_nothing_is_stored():
 
 def test_a_stored_policy_at_least_as_new_is_kept():
     fleet = FleetKeys()
-    v2 = fleet.policy(version=2)
-    trust, source = Trust.from_policy(fleet.policy(version=2), v2, NOW)
+    v2 = _policy(fleet, version=2)
+    trust, source = Trust.from_policy(_policy(fleet, version=2), v2, NOW)
     assert source == "state database (v2)"
     assert trust.policy is not None and trust.policy.raw == v2
-    trust, source = Trust.from_policy(fleet.policy(version=1), fleet.policy(version=3), NOW)
+    trust, source = Trust.from_policy(_policy(fleet, version=1), _policy(fleet, version=3), NOW)
     assert source == "state database (v3)"
 
 
 def test_a_newer_installed_policy_replaces_the_stored_one_if_its_roots_admit_it():
     fleet = FleetKeys()
-    installed = fleet.policy(version=3)
-    trust, source = Trust.from_policy(installed, fleet.policy(version=2), NOW)
+    installed = _policy(fleet, version=3)
+    trust, source = Trust.from_policy(installed, _policy(fleet, version=2), NOW)
     assert source == "installed file (newer than the stored)"
     assert trust.policy is not None and trust.policy.version == 3
 
 
 def test_a_newer_installed_policy_the_stored_roots_refuse_is_not_taken():
     fleet, stranger = FleetKeys(), FleetKeys()
-    trust, source = Trust.from_policy(stranger.policy(version=5), fleet.policy(version=2), NOW)
+    trust, source = Trust.from_policy(_policy(stranger, version=5), _policy(fleet, version=2), NOW)
     assert source.startswith("state database (v2); the installed v5 was refused: ")
     assert trust.policy is not None and trust.policy.version == 2
 
@@ -63,14 +68,14 @@ def test_a_flat_key_list_never_expires_and_takes_no_updates():
     assert trust.policy is None
     assert trust.valid(NOW + 10**9)
     with pytest.raises(WireError) as err:
-        trust.update(fleet.policy(), NOW)
+        trust.update(_policy(fleet), NOW)
     assert err.value.reason is Reason.UNKNOWN_KEY
     trust.authorize(job_spec(fleet, "veh-1"), "any-key", NOW)  # no scope to check
 
 
 def test_a_policy_is_valid_until_its_expiry_and_not_at_it():
     fleet = FleetKeys()
-    trust, _ = Trust.from_policy(fleet.policy(valid_s=100.0), None, NOW)
+    trust, _ = Trust.from_policy(_policy(fleet, valid_s=100.0), None, NOW)
     assert trust.policy is not None
     expires = trust.policy.policy.expires_at
     assert trust.valid(expires - 0.001)
@@ -79,21 +84,21 @@ def test_a_policy_is_valid_until_its_expiry_and_not_at_it():
 
 def test_updates_newer_are_taken_the_same_one_is_no_change_and_older_are_refused():
     fleet = FleetKeys()
-    trust, _ = Trust.from_policy(fleet.policy(version=2), None, NOW)
+    trust, _ = Trust.from_policy(_policy(fleet, version=2), None, NOW)
     assert trust.policy is not None
     assert trust.update(trust.policy.raw, NOW) is None, "the one held, redelivered"
-    new = trust.update(fleet.policy(version=3), NOW)
+    new = trust.update(_policy(fleet, version=3), NOW)
     assert new is not None and new.version == 3 and trust.policy is new
     with pytest.raises(WireError) as err:
-        trust.update(fleet.policy(version=1), NOW)
+        trust.update(_policy(fleet, version=1), NOW)
     assert err.value.reason is Reason.REPLAYED
     assert trust.policy.version == 3
 
 
 def test_an_update_changes_the_ring_of_job_keys():
     fleet, rotated = FleetKeys(), FleetKeys()
-    trust, _ = Trust.from_policy(fleet.policy(), None, NOW)
-    update = fleet.policy(version=2, job_keys=[rotated.job_key.public_key()])
+    trust, _ = Trust.from_policy(_policy(fleet), None, NOW)
+    update = _policy(fleet, version=2, job_keys=[rotated.job_key.public_key()])
     trust.update(update, NOW)
     assert trust.ring.get(rotated.issuer) is not None
     assert trust.ring.get(fleet.issuer) is None
@@ -101,7 +106,7 @@ def test_an_update_changes_the_ring_of_job_keys():
 
 def test_authorize_refuses_a_requester_the_policy_does_not_name():
     fleet, other = FleetKeys(), FleetKeys()
-    trust, _ = Trust.from_policy(fleet.policy(), None, NOW)
+    trust, _ = Trust.from_policy(_policy(fleet), None, NOW)
     spec = job_spec(other, "veh-1")  # sealed to a requester the fleet never named
     spec = spec.model_copy(update={"issuer": fleet.issuer})
     with pytest.raises(WireError) as err:
@@ -114,7 +119,7 @@ def test_authorize_refuses_a_requester_the_policy_does_not_name():
 def test_the_held_policy_keeps_the_exact_bytes_it_was_given():
     """What is persisted and compared is the signed envelope as received, at each source."""
     fleet = FleetKeys()
-    v1, v2, v3 = (fleet.policy(version=v) for v in (1, 2, 3))
+    v1, v2, v3 = (_policy(fleet, version=v) for v in (1, 2, 3))
     trust, _ = Trust.from_policy(v1, None, NOW)
     assert trust.policy is not None and trust.policy.raw == v1
     trust, _ = Trust.from_policy(v1, v2, NOW)
@@ -181,11 +186,11 @@ def test_the_words_of_trusts_refusals():
         Trust()
     flat = Trust(ring=KeyRing.of(fleet.job_key.public_key()))
     with pytest.raises(WireError) as err:
-        flat.update(fleet.policy(), NOW)
+        flat.update(_policy(fleet), NOW)
     assert err.value.detail == (
         "this vehicle trusts a fixed key list (keys.trusted_job_keys): policy updates are ignored"
     )
-    trust, _ = Trust.from_policy(fleet.policy(), None, NOW)
+    trust, _ = Trust.from_policy(_policy(fleet), None, NOW)
     spec = job_spec(other, "veh-1").model_copy(update={"issuer": fleet.issuer})
     with pytest.raises(WireError) as err:
         trust.authorize(spec, fleet.issuer, NOW)

@@ -47,18 +47,11 @@ def _tls(pki: FleetPki, who: str) -> ssl.SSLContext:
 
 
 def _secure_vehicle(tmp_path, vid, port, fleet, pki: FleetPki, ca=None):
-    files = write_vehicle(tmp_path, vid, port=port, fleet=fleet)
-    identity = pki.vehicle(vid)
-    text = (
-        files.config_path.read_text()
-        .replace(
-            "tls = false  # a private plaintext broker on loopback\n",
-            f'tls = true\nca_file = "{ca or pki.ca}"\ncert_file = "{identity.cert}"\n'
-            f'key_file = "{identity.key}"\n',
-        )
-        .replace('host = "127.0.0.1"', 'host = "localhost"')
-    )
-    files.config_path.write_text(text)
+    files = write_vehicle(tmp_path, vid, port=port, fleet=fleet, pki=pki)
+    if ca is not None:
+        text = files.config_path.read_text()
+        assert f'ca_file = "{pki.ca}"' in text
+        files.config_path.write_text(text.replace(f'ca_file = "{pki.ca}"', f'ca_file = "{ca}"'))
     return files
 
 
