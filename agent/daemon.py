@@ -340,7 +340,7 @@ class Agent:
                     "job-executor": self.executor.run(),
                     "worker-reaper": self.executor.reap(),
                     "result-publisher": self.results.run(),
-                    "energy-save": self.energy.run(),
+                    "energy-save": self.energy.run(self.executor.job_running),
                     "state-probe": self.disk.watch(),
                     "replay-prune": self.intake.run(),
                     "models-reload": self.shelf.run(),

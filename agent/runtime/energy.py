@@ -37,7 +37,6 @@ class JobEnergy:
         self.meter = EnergyMeter(day=today, today_wh=ledger.day_total(today))
         self.computing: Key | None = None  # the job whose compute the worker is doing
         self._booked: set[Key] = set()
-        self.busy = asyncio.Event()  # a job runs: the day's total is saved periodically
         # Set by the agent: a fresh look at the car that closes the load window (power room).
         self.look: Callable[[float], VehicleSnapshot] | None = None
 
@@ -116,9 +115,9 @@ class JobEnergy:
     async def save_day(self) -> None:
         await self._disk.record(self._ledger.save_day, self.meter.day, self.meter.today_wh)
 
-    async def run(self) -> None:
-        """The `energy-save` task."""
+    async def run(self, job_running: asyncio.Event) -> None:
+        """The `energy-save` task: while a job runs, the day's total every SAVE_EVERY_S."""
         while True:
-            await self.busy.wait()
+            await job_running.wait()
             await asyncio.sleep(SAVE_EVERY_S)
             await self.save_day()
