@@ -161,7 +161,19 @@ def _render_status(st: dict[str, Any]) -> str:
         if job
         else "job       none"
     )
-    lines.append(f"queued    {st['queued_jobs']}")
+    lines.append(f"queued    {st['queued_jobs']}, outbox {st['outbox']}")
+    w = st.get("worker") or {}
+    lines.append(
+        f"worker    pid {w['pid']}, {'computing' if w['computing'] else 'idle'}"
+        + (", paused by the power cap" if w.get("paused") else "")
+        if w.get("pid")
+        else "worker    none (started with the first job)"
+    )
+    policy = st.get("trust_policy_version")
+    lines.append(
+        f"models    {', '.join(st.get('models') or []) or 'none'}"
+        + (f"; trust policy v{policy}" if policy is not None else "")
+    )
     e = st["energy"]
     lines.append(
         f"energy    {e['today_wh']:.3f} Wh of {e['daily_allowance_wh']:g} Wh today ({e['day']})"

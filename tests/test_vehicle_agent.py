@@ -146,7 +146,9 @@ async def test_outside_allowed_hours_nothing_is_asked_for(mosquitto, fleet, tmp_
         assert agent.status()["gate"]["reasons"] == ["outside_allowed_hours"]
 
 
-async def test_live_control_socket_unplugs_the_car_and_status_says_why(mosquitto, fleet, tmp_path):
+async def test_live_control_socket_unplugs_the_car_and_status_says_why(
+    mosquitto, fleet, tmp_path, capsys
+):
     """`edge-agent vehicle set` over the control socket changes the car; `status` shows the reasons."""
     files = write_vehicle(tmp_path, "veh-ctl", port=mosquitto.port, fleet=fleet)
     sock = files.config_path.parent / "state" / "control.sock"
@@ -171,6 +173,11 @@ async def test_live_control_socket_unplugs_the_car_and_status_says_why(mosquitto
         assert rc == 2
         rc = await asyncio.to_thread(agent_cli, ["status", "--socket", str(sock)])
         assert rc == 0
+        shown = capsys.readouterr().out
+        assert "because: unplugged, not_charging" in shown
+        assert "queued    0, outbox 0" in shown
+        assert "worker    none (started with the first job)" in shown
+        assert "models    burn, digits; trust policy v1" in shown
         assert agent.counts["running"] == 0
 
 
