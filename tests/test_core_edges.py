@@ -9,7 +9,7 @@ import datetime as dt
 import numpy as np
 import pytest
 
-from agent.core.admission import AdmissionContext, HeldModel, InputSpec, admit, check_inputs
+from agent.core.admission import HeldModel, InputSpec, admit, check_inputs
 from agent.core.energy import EnergyMeter
 from agent.core.gate import Gate, GateInputs, GateReason
 from agent.core.governor import PowerGovernor
@@ -18,26 +18,11 @@ from agent.wire.errors import Reason, WireError
 from agent.wire.messages import ModelRef
 from agent.wire.tensors import Tensor
 from tests.support import DIGITS_REF, FleetKeys, job_spec
+from tests.test_admission import HELD, NOW
+from tests.test_admission import ctx as actx
 from tests.test_gate import policy, snap
 
 FLEET = FleetKeys()
-NOW = 1_800_000_000.0
-HELD = HeldModel(
-    "digits", DIGITS_REF.sha256, DIGITS_REF.size, {"X": InputSpec("float32", (None, 64))}
-)
-
-
-def actx(**kw: object) -> AdmissionContext:
-    base: dict[str, object] = dict(
-        vehicle_id="veh-1",
-        now=NOW,
-        max_clock_skew_s=60,
-        max_input_bytes=1 << 20,
-        seen=set(),
-        models={"digits": HELD},
-    )
-    base.update(kw)
-    return AdmissionContext(**base)  # type: ignore[arg-type]
 
 
 def refusal(spec_kw: dict[str, object], signer: str | None = None, **ctx_kw: object) -> WireError:

@@ -146,38 +146,27 @@ def test_authorize_checks_the_keys_scope_for_this_jobs_class_and_model(scope, de
     from broker.policy import make_policy, signed_policy
 
     fleet = FleetKeys()
-    raw = signed_policy(
-        make_policy(
+    spec = job_spec(fleet, "veh-1")
+
+    def trust_scoped(**key_scope: tuple[str, ...]) -> Trust:
+        policy = make_policy(
             version=1,
             roots=[fleet.root.public_key()],
             threshold=1,
             job_keys=[fleet.job_key.public_key()],
             requesters=[fleet.requester.public_key()],
-            **scope,
-        ),
-        [fleet.root],
-    )
-    trust, _ = Trust.from_policy(raw, None, NOW)
-    spec = job_spec(fleet, "veh-1")
+            **key_scope,
+        )
+        return Trust.from_policy(signed_policy(policy, [fleet.root]), None, NOW)[0]
+
     with pytest.raises(WireError) as err:
-        trust.authorize(spec, fleet.issuer, NOW)
+        trust_scoped(**scope).authorize(spec, fleet.issuer, NOW)
     assert err.value.reason is Reason.KEY_OUT_OF_SCOPE
     assert detail in err.value.detail
-    in_scope = {"job_classes": (spec.job_class,)} if "job_classes" in scope else {}
-    in_scope = in_scope or {"models": (spec.model.sha256,)}
-    raw = signed_policy(
-        make_policy(
-            version=1,
-            roots=[fleet.root.public_key()],
-            threshold=1,
-            job_keys=[fleet.job_key.public_key()],
-            requesters=[fleet.requester.public_key()],
-            **in_scope,
-        ),
-        [fleet.root],
-    )
-    trust, _ = Trust.from_policy(raw, None, NOW)
-    trust.authorize(spec, fleet.issuer, NOW)
+    if "job_classes" in scope:
+        trust_scoped(job_classes=(spec.job_class,)).authorize(spec, fleet.issuer, NOW)
+    else:
+        trust_scoped(models=(spec.model.sha256,)).authorize(spec, fleet.issuer, NOW)
 
 
 def test_the_words_of_trusts_refusals():
