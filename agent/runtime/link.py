@@ -199,6 +199,7 @@ class Link:
                 self._connected.clear()
                 self._client = None
                 self._outstanding = 0
+                self._outbox.changed.set()  # a shutdown waiting for the outbox stops waiting
             delay = backoff.next_delay(time.monotonic())
             self._rec.note("reconnects", "reconnect_wait", delay_s=round(delay, 2))
             await asyncio.sleep(delay)
@@ -247,8 +248,9 @@ class Link:
         """Wait, while connected, until the outbox is empty; False if it did not empty."""
         try:
             async with asyncio.timeout(timeout_s):
-                while self._outbox.depth and self._connected.is_set():  # noqa: ASYNC110 - a time-boxed poll of the outbox's depth
-                    await asyncio.sleep(0.02)
+                while self._outbox.depth and self._connected.is_set():
+                    self._outbox.changed.clear()
+                    await self._outbox.changed.wait()  # set on each removal and on disconnect
         except TimeoutError:
             return False
         return True

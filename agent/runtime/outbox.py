@@ -41,11 +41,13 @@ class Outbox:
         self._sent = sent  # a slot of the outbox freed (the work requester may ask again)
         self.depth = jobs.outbox_size()
         self._ready = asyncio.Event()
+        self.changed = asyncio.Event()  # the depth changed (or the link did): look again
 
     def added(self) -> None:
         """A result was filed: wake the sender."""
         self.depth += 1
         self._ready.set()
+        self.changed.set()
 
     def wake(self) -> None:
         self._ready.set()
@@ -53,6 +55,7 @@ class Outbox:
     def _removed(self, n: int = 1) -> None:
         self.depth = max(0, self.depth - n)
         self._rec.metrics.outbox.set(self.depth)
+        self.changed.set()
 
     async def send(self, publish: Publish) -> None:
         """Publish the outbox in order over one connection (the `outbox-sender` task)."""
