@@ -124,11 +124,20 @@ class Executor:
 
     # ---- in -------------------------------------------------------------------
 
-    async def submit(self, item: AcceptedJob) -> None:
-        """Queue an accepted job (intake checked there is a slot), staging it if one runs."""
+    def submit(self, item: AcceptedJob) -> None:
+        """Queue an accepted job (intake checked there is a slot)."""
         self._queue.append(item)
         self._arrived.set()
-        await self._stage_next()
+
+    async def stage_next(self) -> None:
+        """Hand the worker the next queued job behind the running one, so it starts the moment
+        the worker is free (engine.stage); only while the gate is open."""
+        if self._current is None or not self._gate_open() or self._stopping() or not self._queue:
+            return
+        nxt = self._queue[0]  # peek, not take
+        await self._engine.stage(
+            nxt.request, nxt.model, self._shelf.path_of(nxt.model), nxt.job.inputs
+        )
 
     def take_queued(self) -> list[AcceptedJob]:
         """Everything accepted and not started (shutdown hands these back)."""
@@ -258,7 +267,7 @@ class Executor:
         compute = jobs.create_task(self._compute(item), name=f"compute:{job.job_id}")
         try:
             await asyncio.sleep(0)  # let the run write its request (or find it staged)
-            await self._stage_next()  # before the journal: its write may queue behind sealing
+            await self.stage_next()  # before the journal: its write may queue behind sealing
             await self._journal.happened(key, EventKind.RUNNING)
             await asyncio.wait({compute})
         except BaseException:  # cancelled: preempted, or the agent is stopping
@@ -304,13 +313,3 @@ class Executor:
         """The job the worker went on to after `item` (staged behind it), if any."""
         nxt = self._engine.computing
         return _key_of(nxt) if nxt is not None and nxt != item.request else None
-
-    async def _stage_next(self) -> None:
-        """Hand the worker the next queued job behind the running one, so it starts the moment
-        the worker is free (engine.stage); only while the gate is open."""
-        if self._current is None or not self._gate_open() or self._stopping() or not self._queue:
-            return
-        nxt = self._queue[0]  # peek, not take
-        await self._engine.stage(
-            nxt.request, nxt.model, self._shelf.path_of(nxt.model), nxt.job.inputs
-        )

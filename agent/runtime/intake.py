@@ -173,8 +173,11 @@ class Intake:
             )
         else:
             assert verdict.model is not None
-            await self._journal.happened(key, EventKind.ACCEPTED, soon=False)
-            await self._executor.submit(AcceptedJob(job, verdict.model, verdict.digest))
+            # Queued before its event is sent: compute need not wait for the broker's ack.
+            self._journal.accepted(key)
+            self._executor.submit(AcceptedJob(job, verdict.model, verdict.digest))
+            await self._rec.job(key, EventKind.ACCEPTED)
+            await self._executor.stage_next()
 
     # ---- trust policy --------------------------------------------------------------
 

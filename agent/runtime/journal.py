@@ -75,6 +75,11 @@ class Journal:
         else:
             await self._rec.job(key, kind, reason, detail)
 
+    def accepted(self, key: Key) -> None:
+        """The job is held from now on (the replay write journalled it); its event is sent by
+        the caller right after queueing it, so the executor may run it meanwhile."""
+        self._step(key, EventKind.ACCEPTED)
+
     def restore(self, key: Key, stage: Stage) -> None:
         """A job an earlier run left at `stage` (its journal entry, or its result in the
         outbox): the outbox and the journal outlive the process."""
