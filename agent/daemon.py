@@ -90,8 +90,6 @@ class Agent:
         self.vehicle_id = config.vehicle.id
         self._clock = clock
         self._engine = engine
-        self._jobs = jobs
-        self._ledger = ledger
         self._trust = trust
         self._notifier = notifier or Notifier()
         self._stopping = False
