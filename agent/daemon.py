@@ -100,7 +100,7 @@ class Agent:
         self.disk = disk = StateDisk(config.state.dir, jobs.probe, rec, clock)
         self.shelf = shelf = Shelf(store, rec)
         self.journal = journal = Journal(jobs, disk, rec, clock)
-        self.energy = energy = JobEnergy(ledger, disk, self._local, clock)
+        self.energy = energy = JobEnergy(ledger, disk, self._local, clock, self._boundary_look)
         self.executor = executor = Executor(
             engine,
             shelf,
@@ -135,7 +135,6 @@ class Agent:
             on_change=self._gate_changed,
             clock=clock,
         )
-        energy.look = self._boundary_look
         self.outbox = outbox = Outbox(
             jobs,
             disk,
@@ -288,9 +287,6 @@ class Agent:
     def healthy(self, loop_lag_s: float, limit_s: float) -> bool:
         return self.operator.healthy(loop_lag_s, limit_s)
 
-    def observe(self, now: float) -> GateDecision:
-        return self.watch.observe(now)
-
     def trusted_now(self) -> float:
         return self.intake.trusted_now()
 
@@ -299,12 +295,6 @@ class Agent:
 
     def compute_busy_s(self) -> float:
         return self.power.compute_busy_s()
-
-    async def handle_job_message(self, raw: bytes) -> None:
-        await self.intake.job_message(raw)
-
-    async def handle_policy_message(self, raw: bytes) -> None:
-        await self.intake.policy_message(raw)
 
     # ---- lifecycle ------------------------------------------------------------------------
 

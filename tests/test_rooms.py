@@ -16,6 +16,7 @@ from agent.runtime.metrics import AgentMetrics
 from agent.runtime.record import Happening, Recorder
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger
+from agent.vehicle.snapshot import VehicleSnapshot
 from agent.wire.messages import EventKind, JobEvent
 
 
@@ -134,8 +135,16 @@ async def test_the_days_total_is_saved_while_a_job_runs(tmp_path, monkeypatch):
     jobs = JobStore(tmp_path / "state.db")
     rec, _, _ = _recorder()
     disk = StateDisk(tmp_path, jobs.probe, rec, clock=lambda: 100.0)
+
+    def no_look(_now: float) -> VehicleSnapshot:
+        raise AssertionError("saving the day's total looks at no car")
+
     energy = JobEnergy(
-        ledger, disk, lambda at: dt.datetime.fromtimestamp(at, dt.UTC), clock=lambda: 100.0
+        ledger,
+        disk,
+        lambda at: dt.datetime.fromtimestamp(at, dt.UTC),
+        clock=lambda: 100.0,
+        look=no_look,
     )
     energy.meter.today_wh = 1.25
     running = asyncio.Event()

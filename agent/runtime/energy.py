@@ -28,6 +28,7 @@ class JobEnergy:
         disk: StateDisk,
         local: Callable[[float], dt.datetime],
         clock: Callable[[], float],
+        look: Callable[[float], VehicleSnapshot],
     ) -> None:
         self._ledger = ledger
         self._disk = disk
@@ -37,8 +38,7 @@ class JobEnergy:
         self.meter = EnergyMeter(day=today, today_wh=ledger.day_total(today))
         self.computing: Key | None = None  # the job whose compute the worker is doing
         self._booked: set[Key] = set()
-        # Set by the agent: a fresh look at the car that closes the load window (power room).
-        self.look: Callable[[float], VehicleSnapshot] | None = None
+        self._look = look  # a fresh look at the car that also closes the power room's window
 
     @property
     def day(self) -> str:
@@ -63,9 +63,8 @@ class JobEnergy:
 
     def boundary(self, job: Key | None) -> None:
         """A sample at a job's start or end: the interval up to now is booked to `job`."""
-        assert self.look is not None
         now = self._clock()
-        snap = self.look(now)
+        snap = self._look(now)
         self.meter.sample(
             now,
             snap.compute_power_w,

@@ -27,7 +27,7 @@ from agent.runtime.executor import AcceptedJob, Executor
 from agent.runtime.journal import Journal
 from agent.runtime.record import Recorder
 from agent.state.jobs import JobStore
-from agent.wire.errors import WireError
+from agent.wire.errors import Reason, WireError
 from agent.wire.messages import EventKind
 
 PRUNE_EVERY_S = 600.0
@@ -71,13 +71,17 @@ class Intake:
             dt.datetime.fromisoformat(BUILT_ON).replace(tzinfo=dt.UTC).timestamp(),
         )
 
-    def trusted_now(self) -> float:
-        """The system clock, but never earlier than the latest signed issue time seen: a clock
-        set backwards does not make expired jobs valid again."""
+    def _local_now(self) -> float:
+        """The system clock, counted when it reads behind the floor."""
         now = self._clock()
         if now < self.clock_floor:
             self._rec.note("clock_behind_floor")
-        return trusted_now(now, self.clock_floor)
+        return now
+
+    def trusted_now(self) -> float:
+        """The system clock, but never earlier than the latest signed issue time seen: a clock
+        set backwards does not make expired jobs valid again."""
+        return trusted_now(self._local_now(), self.clock_floor)
 
     # ---- jobs ------------------------------------------------------------------
 
@@ -85,12 +89,9 @@ class Intake:
         """What the pure intake needs to know now."""
         config = self._config()
         agent, owner = config.agent, config.owner
-        now = self._clock()
-        if now < self.clock_floor:
-            self._rec.note("clock_behind_floor")
         return IntakeContext(
             vehicle_id=config.vehicle.id,
-            local_now=now,
+            local_now=self._local_now(),
             clock_floor=self.clock_floor,
             trust=self.trust,
             max_message_bytes=agent.max_message_bytes,
@@ -129,7 +130,7 @@ class Intake:
             await self._rec.job(
                 key,
                 EventKind.REJECTED,
-                "agent_error",
+                Reason.AGENT_ERROR.value,
                 f"the agent failed at accept: {type(exc).__name__}: {exc}",
             )
 

@@ -106,10 +106,6 @@ class Watch:
             self._on_change(decision)
         return decision
 
-    def look_now(self) -> None:
-        """Something says the car changed: look at it now, not at the poll."""
-        self._changed.set()
-
     def vehicle_changed(self, *_: object) -> None:
         """A kernel uevent for one of the car's signals."""
         self._changed.set()
