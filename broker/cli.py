@@ -56,6 +56,7 @@ from agent.wire.keys import (
     raw_public,
 )
 from agent.wire.topics import check_vehicle_id
+from broker.shipped import MODELS
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -118,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a job may wait for a car (preemptions and hand-backs requeue it until "
         "then; default one day)",
     )
-    sb.add_argument("--models", type=Path, default=Path(__file__).resolve().parents[1] / "models")
+    sb.add_argument("--models", type=Path, default=MODELS)
     pv = sub.add_parser("provision", help="create the fleet's certificates")
     pv.add_argument("--dir", type=Path, required=True)
     pv.add_argument("--vehicle", action="append", default=[], metavar="ID")

@@ -37,10 +37,8 @@ from broker.local import LocalMosquitto
 from broker.policy import DAY_S, make_policy, publish_policy, signed_policy
 from broker.provision import FleetPki, provision
 from broker.queue import JobQueue, JobTemplate
+from broker.shipped import MODELS, SCENARIOS
 
-REPO = Path(__file__).resolve().parents[1]
-MODELS = REPO / "models"
-SCENARIOS = REPO / "agent" / "vehicle" / "scenarios"
 
 
 @dataclass(frozen=True)
