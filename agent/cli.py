@@ -1,7 +1,10 @@
 """`edge-agent`: the vehicle side's command line.
 
 edge-agent run [--config PATH]        serve (the systemd service runs this)
-edge-agent check-config PATH          validate an owner config; non-zero on error
+edge-agent check-config PATH          check a config and the files it names (offline)
+edge-agent doctor [--config PATH] [--public-key B64]
+                                      everything `run` needs, the broker included
+edge-agent pubkey KEYFILE             the public key of a vehicle key, for edge-fleet register
 edge-agent keygen --out PATH          make the vehicle's Ed25519 signing key
 edge-agent models add FILE --name N --sha256 HEX [--config PATH]
                                       install a model into the state directory's store:
@@ -23,6 +26,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent import __version__
 from agent.config import DEFAULT_PATH, ConfigError, load_config
 from agent.kit import logs
 from agent.kit.exitcodes import ExitCode
@@ -32,14 +36,40 @@ from agent.wire.keys import key_id, public_b64
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-agent", description="the vehicle side's command line")
+    p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent until SIGTERM")
     run.add_argument("--config", type=Path, default=DEFAULT_PATH)
     run.add_argument("--console", action="store_true", help="human-readable logs, not JSON")
-    check = sub.add_parser("check-config", help="validate a config file")
-    check.add_argument("path", type=Path)
+    run.add_argument(
+        "--log-level",
+        choices=logs.LEVELS,
+        default="info",
+        help="the least severe events logged (default info)",
+    )
+    check = sub.add_parser(
+        "check-config",
+        help="check a config and the files it names, offline (the unit's ExecStartPre)",
+    )
+    check.add_argument("path", type=Path, help="the owner config, e.g. /etc/edge-agent/agent.toml")
+    doctor = sub.add_parser(
+        "doctor", help="check everything `run` needs, the broker included; one line per check"
+    )
+    doctor.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the owner config")
+    doctor.add_argument(
+        "--public-key",
+        metavar="B64",
+        help="the public key the fleet registered for this vehicle, to compare with the key",
+    )
+    doctor.add_argument(
+        "--timeout", type=float, default=5.0, metavar="S", help="for the broker (default 5 s)"
+    )
     keygen = sub.add_parser("keygen", help="create the vehicle's signing key")
-    keygen.add_argument("--out", type=Path, required=True)
+    keygen.add_argument("--out", type=Path, required=True, help="where to write it (mode 600)")
+    pubkey = sub.add_parser(
+        "pubkey", help="print the public key of a vehicle key (for edge-fleet register)"
+    )
+    pubkey.add_argument("key", type=Path, help="the vehicle key file")
     status = sub.add_parser("status", help="show the running agent's state")
     _socket_args(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -182,13 +212,34 @@ def _render_status(st: dict[str, Any]) -> str:
 
 
 def _check_config(path: Path) -> int:
+    from agent import doctor
+
+    checks, _ = doctor.offline(path)
+    bad = doctor.failed(checks)
+    print(doctor.render(checks), file=sys.stderr if bad else sys.stdout)
+    return ExitCode.CONFIG if bad else ExitCode.OK
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    checks = doctor.doctor(args.config, registered=args.public_key, timeout_s=args.timeout)
+    print(doctor.render(checks))
+    if doctor.failed(checks):
+        print(f"\n{sum(c.verdict is doctor.Verdict.FAIL for c in checks)} check(s) failed")
+        return ExitCode.CONFIG
+    return ExitCode.OK
+
+
+def _pubkey(path: Path) -> int:
+    from agent.kit.keyfiles import KeyFileError, load_signing_key
+
     try:
-        cfg = load_config(path)
-    except ConfigError as exc:
+        key = load_signing_key(path)
+    except KeyFileError as exc:
         print(exc, file=sys.stderr)
         return ExitCode.CONFIG
-    state = "opted in" if cfg.owner.opted_in else "NOT opted in: nothing will run"
-    print(f"{path}: valid (vehicle {cfg.vehicle.id}, owner {state})")
+    print(public_b64(key.public_key()))
     return ExitCode.OK
 
 
@@ -249,13 +300,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check-config":
         return _check_config(args.path)
+    if args.command == "doctor":
+        return _doctor(args)
     if args.command == "keygen":
         return _keygen(args.out)
+    if args.command == "pubkey":
+        return _pubkey(args.key)
     if args.command in ("status", "vehicle"):
         return _control(args)
     if args.command == "models":
         return _models(args)
-    logs.configure(json=not args.console)
+    logs.configure(json=not args.console, level=args.log_level)
     return asyncio.run(_serve(args.config))
 
 

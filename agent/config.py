@@ -330,11 +330,23 @@ _PATH_KEYS = (
 )
 
 
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+CREDENTIALS = "${CREDENTIALS_DIRECTORY}"
+
+
+def credentials_dir(base: Path, environ: Mapping[str, str]) -> Path:
+    """Where `${CREDENTIALS_DIRECTORY}` in a path points: systemd's credentials folder under the
+    unit (LoadCredential=), else `credentials/` beside the config, the folder the packaged unit
+    loads them from, so that `check-config` and `doctor` run by root see the same files."""
+    loaded = environ.get("CREDENTIALS_DIRECTORY")
+    return Path(loaded) if loaded else base / "credentials"
+
+
+def _resolve_paths(data: dict[str, Any], base: Path, environ: Mapping[str, str]) -> None:
     for section, key in _PATH_KEYS:
         table = data.get(section)
         if isinstance(table, dict) and isinstance(table.get(key), str):
-            table[key] = str((base / table[key]).resolve())
+            text = table[key].replace(CREDENTIALS, str(credentials_dir(base, environ)))
+            table[key] = str((base / text).resolve())
 
 
 def _describe(err: Any, origin: dict[str, str]) -> str:
@@ -363,7 +375,8 @@ def _problem(err: Any, loc: str) -> str:
 def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Parse config text (the file at `path`) with the environment's overrides (`environ`,
     os.environ by default); raise ConfigError listing every problem."""
-    overrides, origin, problems = env_overrides(os.environ if environ is None else environ)
+    environ = os.environ if environ is None else environ
+    overrides, origin, problems = env_overrides(environ)
     if problems:
         raise ConfigError(path, problems)
     try:
@@ -371,7 +384,7 @@ def parse_config(text: str, *, path: Path, environ: Mapping[str, str] | None = N
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
     _overlay(data, overrides)
-    _resolve_paths(data, path.parent)
+    _resolve_paths(data, path.parent, environ)
     try:
         return AgentConfig(**data)
     except ValidationError as exc:

@@ -40,7 +40,6 @@ from broker.queue import JobQueue, JobTemplate
 from broker.shipped import MODELS, SCENARIOS
 
 
-
 @dataclass(frozen=True)
 class DemoVehicle:
     vehicle_id: str

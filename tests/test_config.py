@@ -231,8 +231,9 @@ def test_not_opted_in_is_the_default(tmp_path):
 
 def test_check_config_cli_exit_codes(tmp_path):
     """`edge-agent check-config` exits 0 on a good file and EX_CONFIG with the problems on a bad one."""
-    good = tmp_path / "good.toml"
-    good.write_text(GOOD)
+    from tests.support import FleetKeys, write_vehicle
+
+    good = write_vehicle(tmp_path, "veh-001", port=1883, fleet=FleetKeys()).config_path
     bad = tmp_path / "bad.toml"
     bad.write_text(GOOD.replace("[vehicle]", "[vehicle]\ncolour = 1"))
     run = [sys.executable, "-m", "agent.cli", "check-config"]

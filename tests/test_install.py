@@ -57,9 +57,11 @@ def test_the_wheel_carries_the_models_and_only_our_two_packages(wheel: Path) -> 
     for shipped in ("manifest.json", "digits.onnx", "burn.onnx", "digits_holdout.npz"):
         assert f"broker/shipped_models/{shipped}" in names
     assert "agent/vehicle/scenarios/parked-charging.toml" in names
-    metadata = zipfile.ZipFile(wheel).read(
-        next(n for n in names if n.endswith(".dist-info/METADATA"))
-    ).decode()
+    metadata = (
+        zipfile.ZipFile(wheel)
+        .read(next(n for n in names if n.endswith(".dist-info/METADATA")))
+        .decode()
+    )
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     runtime = [r for r in requires if "extra ==" not in r]
     assert not any("psutil" in r for r in runtime), "psutil is a bench/test dependency only"
