@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
 import logging
 import signal
 import sys
@@ -40,6 +38,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent import __version__
 from agent.kit import logs
 from agent.kit.exitcodes import ExitCode
 from agent.kit.keyfiles import load_requester_key, load_signing_key, write_private_key
@@ -53,14 +52,15 @@ from agent.wire.keys import (
     ed25519_public,
     key_id,
     public_b64,
-    raw_public,
 )
 from agent.wire.topics import check_vehicle_id
+from broker import commands
 from broker.shipped import MODELS
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-fleet", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demo")
     demo.add_argument("--jobs", type=int, default=300)
@@ -72,8 +72,30 @@ def _parser() -> argparse.ArgumentParser:
         help="a plaintext loopback broker instead of mutual TLS with the ACL",
     )
     br = sub.add_parser("broker", help="run a local mosquitto until Ctrl-C")
-    br.add_argument("--port", type=int, default=1883)
-    br.add_argument("--workdir", type=Path, default=Path("broker-run"))
+    br.add_argument("--port", type=int, default=1883, help="(default 1883; 8883 is usual for TLS)")
+    br.add_argument(
+        "--workdir", type=Path, default=Path("broker-run"), help="its config and log go here"
+    )
+    br.add_argument(
+        "--tls",
+        type=Path,
+        metavar="PKI",
+        help="the folder from `edge-fleet provision`: mutual TLS and the per-vehicle ACL",
+    )
+    br.add_argument(
+        "--listen",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="the address to listen on (default 127.0.0.1; plaintext stays on loopback)",
+    )
+    jb = sub.add_parser("jobs", help="the queue's jobs by state, as JSON")
+    jb.add_argument("--queue", type=Path, required=True, help="the queue database")
+    jb.add_argument(
+        "--wait-done",
+        type=_positive_float,
+        metavar="S",
+        help="wait up to S seconds until no job is queued or leased (exit 1 if some still are)",
+    )
     kg = sub.add_parser("keygen", help="make fleet keys")
     kg.add_argument("--job-key", type=Path)
     kg.add_argument("--trusted-out", type=Path)
@@ -102,7 +124,13 @@ def _parser() -> argparse.ArgumentParser:
     pp.add_argument("--policy", type=Path, required=True)
     pp.add_argument("--host", default="127.0.0.1")
     pp.add_argument("--port", type=int, default=8883)
-    pp.add_argument("--pki", type=Path)
+    pp.add_argument("--pki", type=Path, help="the fleet PKI folder (mutual TLS)")
+    pp.add_argument(
+        "--installed",
+        type=Path,
+        metavar="FILE",
+        help="the policy installed on the cars, when the broker retains none yet",
+    )
     reg = sub.add_parser("register", help="record a vehicle's public key")
     reg.add_argument("--registry", type=Path, required=True)
     reg.add_argument("--vehicle-id", required=True)
@@ -226,26 +254,13 @@ def _policy_sign(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def _plaintext_refused(args: argparse.Namespace) -> bool:
-    """True (and says so) when a fleet tool is asked to talk plaintext to a remote broker."""
-    from agent.kit.mqtt import is_loopback
-
-    if args.pki is None and not is_loopback(args.host):
-        print(
-            f"refusing plaintext to {args.host}: give --pki (see edge-fleet provision)",
-            file=sys.stderr,
-        )
-        return True
-    return False
-
-
 async def _policy_publish(args: argparse.Namespace) -> int:
     from agent.kit.mqtt import client_tls
-    from agent.wire.policy import load_root_policy
-    from broker.policy import publish_policy
+    from agent.wire.policy import accept_policy, load_root_policy
+    from broker.policy import publish_policy, retained_policy
     from broker.provision import FleetPki
 
-    if _plaintext_refused(args):
+    if commands.plaintext_refused(args):
         return ExitCode.USAGE
     raw = args.policy.read_bytes()
     policy = load_root_policy(raw)  # never publish something no vehicle would take
@@ -256,6 +271,28 @@ async def _policy_publish(args: argparse.Namespace) -> int:
     import aiomqtt
 
     try:
+        # The cars hold the retained policy (or the installed one, --installed): a new one
+        # must pass the rules they apply, or it would replace a good policy with one every
+        # car refuses.
+        anchors = [("installed", args.installed.read_bytes())] if args.installed else []
+        held = await retained_policy(host=args.host, port=args.port, tls=tls)
+        if held is not None:
+            anchors.append(("retained on the broker", held))
+        for where, anchor in anchors:
+            current = load_root_policy(anchor)
+            if current.version == policy.version and anchor == raw:
+                continue
+            try:
+                accept_policy(raw, current, time.time())
+            except WireError as exc:
+                print(
+                    f"not published: the cars hold policy v{current.version} ({where}), and "
+                    f"they would refuse this one: {exc.detail}. Sign it with the current "
+                    "roots (edge-fleet policy sign --root-key ... --also-sign-with ...) and "
+                    "a higher --version",
+                    file=sys.stderr,
+                )
+                return ExitCode.CONFIG
         await publish_policy(raw, host=args.host, port=args.port, tls=tls)
     except aiomqtt.MqttError as exc:
         print(f"not published: broker {args.host}:{args.port}: {exc}", file=sys.stderr)
@@ -270,10 +307,19 @@ def _register(args: argparse.Namespace) -> int:
 
     try:
         check_vehicle_id(args.vehicle_id)
-        raw = base64.b64decode(args.public_key, validate=True)
-        ed25519_public(raw)
-    except (ValueError, binascii.Error) as exc:
+    except ValueError as exc:
         print(f"not registered: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    try:
+        raw = base64.b64decode(args.public_key.strip(), validate=True)
+        ed25519_public(raw)
+    except (ValueError, binascii.Error):
+        print(
+            f"not registered: --public-key {args.public_key.strip()[:60]!r} is not an Ed25519 "
+            "public key in base64 (44 characters ending in '='); print the vehicle's with "
+            "`edge-agent pubkey /etc/edge-agent/credentials/vehicle.key`",
+            file=sys.stderr,
+        )
         return ExitCode.USAGE
     entries: dict[str, VehicleKey] = {}
     if args.registry.exists():
@@ -316,38 +362,6 @@ def _positive_float(text: str) -> float:
     return value
 
 
-def _submit(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from agent.wire.messages import Limits, ModelRef
-    from agent.wire.tensors import Tensor
-    from broker.queue import JobQueue, JobTemplate
-
-    manifest = json.loads((args.models / "manifest.json").read_text())
-    digits = next(m for m in manifest["models"] if m["name"] == "digits")
-    x = np.load(args.models / "digits_holdout.npz")["x"]
-    requester = load_requester_key(args.requester_key)
-    queue = JobQueue(args.queue)
-    model = ModelRef(name="digits", sha256=digits["sha256"], size=digits["size"])
-    for i in range(args.count):
-        row = x[i % len(x) : i % len(x) + 1]
-        queue.submit(
-            JobTemplate(
-                job_class="digits-eval",
-                model=model,
-                inputs={"X": Tensor.from_numpy(row)},
-                limits=Limits(max_runtime_s=10),
-                requester_key=raw_public(requester.public_key()),
-                lifetime_s=3600,
-            ),
-            now=time.time(),
-            expires_in_s=args.expires_in,
-        )
-    print(f"queued {args.count} jobs in {args.queue}: {queue.counts()}")
-    queue.close()
-    return ExitCode.OK
-
-
 def _provision(args: argparse.Namespace) -> int:
     from broker.provision import ProvisionError, provision
 
@@ -359,78 +373,6 @@ def _provision(args: argparse.Namespace) -> int:
     print(f"fleet CA {pki.ca}; broker {pki.broker.cert}; fleet tools {pki.fleet.cert}")
     for vid in args.vehicle:
         print(f"vehicle {vid}: {pki.vehicle(vid).cert} and {pki.vehicle(vid).key} (0600)")
-    return ExitCode.OK
-
-
-async def _serve(args: argparse.Namespace) -> int:
-    if _plaintext_refused(args):
-        return ExitCode.USAGE
-    from broker.collector import Collector
-    from broker.fleet import FleetNode
-    from broker.queue import JobQueue
-
-    registry = parse_model(
-        args.registry.read_bytes(),
-        VehicleRegistryFile,
-        what="registry",
-        reason=Reason.MALFORMED_PAYLOAD,
-    )
-    queue = JobQueue(args.queue, lease_s=args.lease_s, max_attempts=args.max_failures)
-    collector = Collector(
-        vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
-        requester_key=load_requester_key(args.requester_key),
-        digest_for=queue.assignment_digest,
-    )
-    tls = None
-    if args.pki is not None:
-        from agent.kit.mqtt import client_tls
-        from broker.provision import FleetPki
-
-        pki = FleetPki(args.pki)
-        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
-    node = FleetNode(
-        tls=tls,
-        host=args.host,
-        port=args.port,
-        queue=queue,
-        signing_key=load_signing_key(args.job_key),
-        collector=collector,
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(node.run(), name="fleet-node")
-    await asyncio.wait(
-        {task, asyncio.create_task(stop.wait(), name="stop")}, return_when=asyncio.FIRST_COMPLETED
-    )
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    print(
-        json.dumps(
-            {
-                "queue": queue.counts(),
-                "results": len(collector.results),
-                "duplicates": collector.duplicates,
-                "rejected": collector.rejected,
-            }
-        )
-    )
-    return ExitCode.OK
-
-
-def _broker(args: argparse.Namespace) -> int:
-    from broker.local import BrokerError, LocalMosquitto
-
-    try:
-        with LocalMosquitto(args.workdir, port=args.port) as b:
-            print(f"mosquitto on {b.host}:{b.port} (Ctrl-C to stop)")
-            with contextlib.suppress(KeyboardInterrupt):
-                signal.sigwait({signal.SIGINT, signal.SIGTERM})
-    except BrokerError as exc:
-        print(exc, file=sys.stderr)
-        return ExitCode.CONFIG
     return ExitCode.OK
 
 
@@ -449,20 +391,22 @@ def main(argv: list[str] | None = None) -> int:
             return _keygen(args)
         if args.command == "register":
             return _register(args)
+        if args.command == "jobs":
+            return commands.jobs(args)
         if args.command == "submit":
-            return _submit(args)
+            return commands.submit(args)
         if args.command == "provision":
             return _provision(args)
         if args.command == "serve":
-            return asyncio.run(_serve(args))
+            return asyncio.run(commands.serve(args))
         if args.command == "policy" and args.policy_command == "sign":
             return _policy_sign(args)
         if args.command == "policy":
             return asyncio.run(_policy_publish(args))
         if args.command == "broker":
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-            return _broker(args)
-    except (KeyFileError, WireError, OSError) as exc:
+            return commands.run_broker(args)
+    except (KeyFileError, WireError, OSError, commands.QueueError) as exc:
         print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     return ExitCode.USAGE

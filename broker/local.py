@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.kit.mqtt import is_loopback
+
 if TYPE_CHECKING:
     from broker.provision import FleetPki
 
@@ -48,12 +50,20 @@ class LocalMosquitto:
     """A mosquitto process of our own, listening on 127.0.0.1:`port`."""
 
     def __init__(
-        self, workdir: Path, *, port: int | None = None, pki: FleetPki | None = None
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        pki: FleetPki | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
-        """Plaintext on loopback, or with `pki`: TLS with client certificates and the ACL."""
+        """Plaintext on loopback, or with `pki`: TLS with client certificates and the ACL
+        (which may listen beyond loopback, on `host`)."""
+        if pki is None and not is_loopback(host):
+            raise BrokerError(f"a plaintext broker listens on loopback only, not {host}")
         self.workdir = workdir
         self.pki = pki
-        self.host = "127.0.0.1"
+        self.host = host
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_file = workdir / "mosquitto.log"
@@ -85,6 +95,17 @@ class LocalMosquitto:
             )
 
         self.log_file.touch()
+        # Something else on the port would answer the readiness probe below while mosquitto
+        # has already exited: find out first.
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in self.host else socket.AF_INET) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind((self.host, self.port))
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot listen on {self.host}:{self.port}: {exc.strerror}; another program "
+                "holds that port: choose another with --port"
+            ) from None
         self._proc = subprocess.Popen(
             [mosquitto_binary(), "-c", str(conf)],
             stdout=subprocess.DEVNULL,

@@ -8,6 +8,7 @@ it up on its next connection. The publisher needs no root key.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 import time
 from collections.abc import Sequence
@@ -81,3 +82,22 @@ async def publish_policy(
         timeout=10,
     ) as client:
         await publish_acked(client, POLICY_TOPIC, raw, retain=True)
+
+
+async def retained_policy(
+    *, host: str, port: int, tls: ssl.SSLContext | None, wait_s: float = 2.0
+) -> bytes | None:
+    """The policy retained on the broker now (what every car takes as its next anchor), or
+    None when none is retained. The broker sends a retained message right after SUBACK."""
+    async with aiomqtt.Client(
+        host, port, tls_context=tls, socket_options=NO_DELAY, timeout=10
+    ) as c:
+        await c.subscribe(POLICY_TOPIC, qos=1)
+        try:
+            async with asyncio.timeout(wait_s):
+                async for message in c.messages:
+                    if isinstance(message.payload, bytes) and message.payload:
+                        return message.payload
+        except TimeoutError:
+            return None
+    return None
