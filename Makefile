@@ -6,6 +6,8 @@
 #   make soak    1000 jobs with the cable pulled every 3 s, then 300 with the worker killed at random
 #   make mutants mutation testing of agent/core (mutmut) with the fast tests
 #   make models  regenerate the shipped models (needs the models extra)
+#   make deb     the .deb packages (Debian 12 and 13, amd64 and arm64) into dist/deb/
+#   make rig-test  the packages installed in booted Debian containers, README step by step (root)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,7 +15,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench soak mutants models mosquitto clean
+.PHONY: setup test demo lint bench soak mutants models mosquitto clean deb rig-test rig-tools
 
 setup: mosquitto $(STAMP)
 
@@ -71,5 +73,24 @@ models: setup
 	$(BIN)/pip install -q -e '.[models]'
 	$(BIN)/python models/build_models.py
 
+DEB_TARGETS ?= bookworm:amd64 trixie:amd64 bookworm:arm64 trixie:arm64
+deb: setup
+	@command -v dpkg-deb >/dev/null || { echo "dpkg-deb is missing (apt-get install dpkg)"; exit 1; }
+	@for t in $(DEB_TARGETS); do bash systemd/debian/build-deb $${t%%:*} $${t##*:} || exit 1; done
+
+# What the rig test needs on the host: debootstrap, systemd-nspawn, qemu-user for arm64.
+rig-tools:
+	@if command -v debootstrap >/dev/null && command -v systemd-nspawn >/dev/null \
+		&& [ -e /usr/bin/qemu-aarch64-static ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing debootstrap, systemd-container, qemu-user-static with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+			debootstrap systemd-container qemu-user-static binfmt-support >/dev/null; \
+	else echo "run as root: the rig test boots containers"; exit 1; fi
+
+rig-test: setup rig-tools
+	$(MAKE) deb DEB_TARGETS="bookworm:amd64 trixie:amd64 bookworm:arm64"
+	$(BIN)/python -m tests.rig.run
+
 clean:
-	rm -rf $(VENV) mutants demo-run demo-report.json .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) mutants demo-run demo-report.json dist .pytest_cache .mypy_cache .ruff_cache
