@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from collections.abc import Callable
@@ -32,7 +33,14 @@ class StartupError(Exception):
 
 
 def check_file_permissions(path: Path, what: str, *, secret: bool) -> None:
-    """Refuse a file others could change (or, for a secret, read): StartupError saying the fix."""
+    """Refuse a file others could change (or, for a secret, read): StartupError saying the fix.
+
+    Files in systemd's credentials folder pass: systemd made them read-only, and only this
+    service can enter that folder (systemd 257 gives them mode 440 with the service's group).
+    """
+    handed = os.environ.get("CREDENTIALS_DIRECTORY")
+    if handed and path.resolve().is_relative_to(Path(handed).resolve()):
+        return
     try:
         mode = path.stat().st_mode & 0o777
     except OSError:

@@ -153,7 +153,11 @@ def _control(args: argparse.Namespace) -> int:
             reply = request(path, {"op": "status"})
         else:
             reply = request(path, {"op": "set", "fields": _parse_fields(args.fields)})
-    except (ConfigError, ControlError, ValueError) as exc:
+    except ControlError as exc:
+        # Not a config problem: the agent is not running (or not answering).
+        print(f"{exc}\n(systemctl status edge-agent says why)", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    except (ConfigError, ValueError) as exc:
         print(exc, file=sys.stderr)
         return ExitCode.USAGE if isinstance(exc, ValueError) else ExitCode.CONFIG
     if not reply.get("ok"):
@@ -170,8 +174,19 @@ def _control(args: argparse.Namespace) -> int:
 
 def _render_status(st: dict[str, Any]) -> str:
     gate = st["gate"]
+    broker = st.get("broker") or {}
+    link = (
+        f"connected since {broker['connected_since']}"
+        if st["connected"] and broker.get("connected_since")
+        else "NOT connected"
+    )
     lines = [
-        f"vehicle   {st['vehicle_id']}  ({'connected' if st['connected'] else 'NOT connected'})",
+        f"vehicle   {st['vehicle_id']}",
+        f"broker    {broker.get('address', '?')}{' (TLS)' if broker.get('tls') else ''}: {link}",
+    ]
+    if broker.get("last_error"):
+        lines.append(f"          last error {broker['last_error_at']}: {broker['last_error']}")
+    lines += [
         f"gate      {'OPEN' if gate['open'] else 'closed'}"
         + ("" if gate["open"] else f"  because: {', '.join(gate['reasons'])}"),
     ]

@@ -381,3 +381,16 @@ def test_the_one_agent_toml_builder_writes_configs_the_agent_loads(tmp_path):
     assert "gate_hold_s" not in text
     with pytest.raises(ValueError, match=r"no section \[ownr\]"):
         agent_toml("v", port=1, scenario=tmp_path, models=tmp_path, settings={"ownr": {}})
+
+
+def test_credentials_directory_in_paths_is_systemds_or_the_folder_beside_the_config(tmp_path):
+    """`${CREDENTIALS_DIRECTORY}` in a key path: systemd's folder under the unit
+    (LoadCredential=), else `credentials/` beside the config, the folder the unit loads from,
+    so that check-config and doctor run by root check the same files."""
+    text = GOOD.replace('"keys/vehicle.key"', '"${CREDENTIALS_DIRECTORY}/vehicle.key"')
+    under_unit = parse_config(
+        text, path=tmp_path / "agent.toml", environ={"CREDENTIALS_DIRECTORY": "/run/credentials/x"}
+    )
+    assert under_unit.keys.vehicle_key == Path("/run/credentials/x/vehicle.key")
+    by_root = parse_config(text, path=tmp_path / "agent.toml", environ={})
+    assert by_root.keys.vehicle_key == (tmp_path / "credentials" / "vehicle.key").resolve()

@@ -47,7 +47,7 @@ def test_broker_on_a_busy_port_is_refused_not_reported_listening(tmp_path: Path)
 
 
 def test_a_plaintext_broker_beyond_loopback_is_refused(tmp_path: Path) -> None:
-    out = fleet("broker", "--listen", "0.0.0.0", cwd=tmp_path)
+    out = fleet("broker", "--listen", "0.0.0.0", cwd=tmp_path)  # noqa: S104 - refused, never bound
     assert out.returncode == ExitCode.CONFIG
     assert "loopback only" in out.stderr
 
@@ -67,7 +67,9 @@ def test_submit_into_a_missing_folder_and_jobs_of_no_queue(tmp_path: Path) -> No
     assert not (tmp_path / "nodir").exists()
     none = fleet("jobs", "--queue", "q.db", cwd=tmp_path)
     assert none.returncode == ExitCode.CONFIG and "no queue at q.db" in none.stderr
-    ok = fleet("submit", "--queue", "q.db", "--requester-key", "r.key", "--count", "3", cwd=tmp_path)
+    ok = fleet(
+        "submit", "--queue", "q.db", "--requester-key", "r.key", "--count", "3", cwd=tmp_path
+    )
     assert ok.returncode == 0
     assert json.loads(ok.stdout)["states"] == {"queued": 3}
     counts = fleet("jobs", "--queue", "q.db", cwd=tmp_path)
@@ -111,7 +113,9 @@ def test_policy_publish_refuses_a_policy_the_cars_would_refuse(tmp_path: Path) -
             assert "the cars hold policy v1" in out.stderr and words in out.stderr
             held = asyncio.run(retained_policy(host="127.0.0.1", port=broker.port, tls=None))
             assert held == good, "the good policy is still the retained one"
-        out = fleet("policy", "publish", "--policy", "v2.json", "--port", str(broker.port), cwd=tmp_path)
+        out = fleet(
+            "policy", "publish", "--policy", "v2.json", "--port", str(broker.port), cwd=tmp_path
+        )
         assert out.returncode == 0, out.stderr
         held = asyncio.run(retained_policy(host="127.0.0.1", port=broker.port, tls=None))
         assert held == (tmp_path / "v2.json").read_bytes()

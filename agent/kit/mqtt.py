@@ -10,12 +10,13 @@ it, so every client here passes these socket options.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import aiomqtt
@@ -104,3 +105,27 @@ def is_connection_error(exc: BaseException) -> bool:
     import aiomqtt
 
     return isinstance(exc, aiomqtt.MqttError)
+
+
+# MQTT 5 DISCONNECT reason code: another connection with this client id took the session
+# (two agents, or a cloned config, sharing one vehicle id).
+SESSION_TAKEN_OVER = 142
+
+
+def on_disconnect_reason(client: aiomqtt.Client, callback: Callable[[int], None]) -> None:
+    """Tell `callback` the reason code of each disconnection, before aiomqtt handles it.
+
+    aiomqtt turns every disconnection into "Disconnected during message iteration" and
+    drops the broker's reason; this chains paho's public `on_disconnect` callback on the
+    client's paho instance (`client._client`, the same documented exception as above).
+    """
+    paho = client._client
+    inner: Any = paho.on_disconnect  # paho types it for the v1 and v2 callback signatures
+
+    def hooked(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        with contextlib.suppress(TypeError, ValueError):
+            callback(int(getattr(reason_code, "value", reason_code)))
+        if inner is not None:
+            inner(c, userdata, flags, reason_code, properties)
+
+    paho.on_disconnect = hooked

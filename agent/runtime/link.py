@@ -28,7 +28,13 @@ from paho.mqtt.properties import Properties
 from agent.config import AgentConfig
 from agent.core.admission import HeldModel
 from agent.kit.backoff import ReconnectBackoff
-from agent.kit.mqtt import NO_DELAY, guard_packet_size, publish_acked
+from agent.kit.mqtt import (
+    NO_DELAY,
+    SESSION_TAKEN_OVER,
+    guard_packet_size,
+    on_disconnect_reason,
+    publish_acked,
+)
 from agent.runtime.outbox import Outbox
 from agent.runtime.record import Recorder
 from agent.wire.codec import dump_model
@@ -39,6 +45,11 @@ from agent.wire.topics import POLICY_TOPIC, Channel, topic
 PACKET_OVERHEAD = 4096
 # A connection must stay up this long before the reconnect backoff starts again from its base.
 HEALTHY_AFTER_S = 30.0
+# After another connection took over our session (a duplicate vehicle id): wait at least
+# this long before trying again, instead of the two flapping every half second.
+TAKEN_OVER_BACKOFF_S = 30.0
+SHORT_CONNECTION_S = 5.0
+SHORT_CONNECTIONS_TAKEN_OVER = 3
 
 Key = tuple[str, int]
 
@@ -99,6 +110,13 @@ class Link:
         self._wake_requester = asyncio.Event()
         self._outstanding = 0  # jobs asked for and not yet arrived
         self._request_id = 0
+        # For `edge-agent status`: since when connected, and the last failure and when.
+        self.connected_at: float | None = None
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self._disconnect_reason: int | None = None
+        self._short_connections = 0  # connections in a row the broker closed within seconds
+        self._taken_over = False
 
     @property
     def connected(self) -> bool:
@@ -176,12 +194,16 @@ class Link:
             try:
                 client = self._make_client()
                 guard_packet_size(client, self._max_packet_bytes, self._oversized_packet)
+                self._disconnect_reason = None
+                on_disconnect_reason(client, self._note_disconnect_reason)
                 async with client:
                     self._client = client
                     await client.subscribe(topic(self.vehicle_id, Channel.JOBS), qos=1)
                     if self._on_policy is not None:
                         await client.subscribe(POLICY_TOPIC, qos=1)
                     self._connected.set()
+                    self.connected_at = self._clock()
+                    self._rec.metrics.connected.set(1)
                     backoff.connected(time.monotonic())
                     b = self._config().broker
                     self._rec.log("info", "connected", broker=f"{b.host}:{b.port}")
@@ -194,15 +216,53 @@ class Link:
                         tg.create_task(self._publish_statuses(client), name="status-publisher")
                         tg.create_task(self._heartbeat(client), name="job-heartbeat")
             except* aiomqtt.MqttError as group:
-                self._rec.log("warning", "disconnected", reason=str(group.exceptions[0]))
+                self._failed(str(group.exceptions[0]))
             finally:
+                self.connected_at = None
+                self._rec.metrics.connected.set(0)
                 self._connected.clear()
                 self._client = None
                 self._outstanding = 0
                 self._outbox.changed.set()  # a shutdown waiting for the outbox stops waiting
             delay = backoff.next_delay(time.monotonic())
+            if self._taken_over:
+                delay = max(delay, TAKEN_OVER_BACKOFF_S)  # do not fight the other connection
             self._rec.note("reconnects", "reconnect_wait", delay_s=round(delay, 2))
             await asyncio.sleep(delay)
+
+    def _note_disconnect_reason(self, code: int) -> None:
+        self._disconnect_reason = code
+
+    def _failed(self, reason: str) -> None:
+        """A connection attempt or a connection ended in an error: logged and kept for status.
+
+        Another connection with our client id takes the session over: brokers that say so
+        send DISCONNECT 0x8E (session taken over); mosquitto 2.0 just closes the socket. So
+        a run of connections each closed by the broker within seconds of being accepted is
+        read the same way: two agents (or a copied config) share this vehicle id.
+        """
+        now = self._clock()
+        if self.connected_at is not None and now - self.connected_at < SHORT_CONNECTION_S:
+            self._short_connections += 1
+        else:
+            self._short_connections = 0
+        taken_over = (
+            self._disconnect_reason == SESSION_TAKEN_OVER
+            or self._short_connections >= SHORT_CONNECTIONS_TAKEN_OVER
+        )
+        if taken_over:
+            self._taken_over = True
+            reason = (
+                f"another connection with vehicle id {self.vehicle_id!r} took over this one's "
+                "session (the broker closed it right after accepting it, "
+                f"{self._short_connections or 1} time(s) in a row): two agents, or a copied "
+                "config, share this vehicle id; stop the other one or give it its own id"
+            )
+            self._rec.log("error", "vehicle_id_in_use", reason=reason)
+        else:
+            self._taken_over = False
+            self._rec.log("warning", "disconnected", reason=reason)
+        self.last_error, self.last_error_at = reason, now
 
     @staticmethod
     def _acked(client: aiomqtt.Client) -> Callable[[str, bytes], Awaitable[None]]:

@@ -8,7 +8,7 @@ nobody reads on a car without a local Prometheus (docs/performance.md, idle foot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from agent.core.gate import GateReason
 
@@ -56,6 +56,7 @@ class AgentMetrics:
         self.oversized_packets: Counter | _Off = OFF
         self.state_write_failures: Counter | _Off = OFF
         self.duty: Gauge | _Off = OFF
+        self.connected: Gauge | _Off = OFF
         if enabled:
             self._build()
 
@@ -112,6 +113,15 @@ class AgentMetrics:
             registry=r,
         )
         self.duty = Gauge("edge_agent_duty", "Power governor duty cycle", registry=r)
+        self.connected = Gauge(
+            "edge_agent_broker_connected", "1 while connected to the broker", registry=r
+        )
+        from prometheus_client import Info, ProcessCollector
+
+        from agent import __version__
+
+        Info("edge_agent_build", "The agent's version", registry=r).info({"version": __version__})
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, fds
         for reason in GateReason:
             self.gate_reason.labels(reason=reason.value).set(0)
 
@@ -124,6 +134,25 @@ class AgentMetrics:
         """Serve /metrics on 127.0.0.1:`port` (a daemon thread of prometheus-client's)."""
         if self.registry is None:
             raise RuntimeError("metrics are off: build AgentMetrics(enabled=True) to serve them")
-        from prometheus_client import start_http_server
+        import threading
+        from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-        start_http_server(port, addr="127.0.0.1", registry=self.registry)
+        from prometheus_client import make_wsgi_app
+        from prometheus_client.exposition import ThreadingWSGIServer
+
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Any) -> Any:
+            if environ.get("PATH_INFO") != "/metrics":
+                start_response("404 Not Found", [("Content-Type", "text/plain")])
+                return [b"not found: the metrics are at /metrics\n"]
+            return metrics(environ, start_response)
+
+        class Quiet(WSGIRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        server = make_server(
+            "127.0.0.1", port, app, server_class=ThreadingWSGIServer, handler_class=Quiet
+        )
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

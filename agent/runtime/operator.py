@@ -13,6 +13,7 @@ with and the emulated car's state.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,13 @@ from agent.wire.messages import VehicleStatus
 
 READY_AFTER_S = 3.0
 RESTART_SECTIONS = ("vehicle", "sensors", "broker", "keys", "models", "state", "agent")
+
+
+def _iso(at: float | None) -> str | None:
+    """A time for people and log tools: ISO 8601 in UTC, to the second."""
+    if at is None:
+        return None
+    return dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds")
 
 
 class Operator:
@@ -94,6 +102,7 @@ class Operator:
         return {
             "vehicle_id": self.vehicle_id,
             "connected": self._connected,
+            "broker": self._broker_status(),
             "gate": {
                 "open": bool(decision and decision.open),
                 "reasons": [r.value for r in decision.reasons] if decision else ["starting"],
@@ -138,6 +147,17 @@ class Operator:
                 "daily_allowance_wh": self.config.limits.daily_energy_wh,
             },
             "counts": dict(self._rec.counts),
+        }
+
+    def _broker_status(self) -> dict[str, Any]:
+        b = self.config.broker
+        link = self.link
+        return {
+            "address": f"{b.host}:{b.port}",
+            "tls": b.tls,
+            "connected_since": _iso(link.connected_at) if link else None,
+            "last_error": link.last_error if link else None,
+            "last_error_at": _iso(link.last_error_at) if link else None,
         }
 
     def _emulated(self) -> EmulatedVehicle | None:

@@ -254,3 +254,29 @@ def test_pubkey_prints_what_register_takes_and_refuses_a_bad_file(tmp_path: Path
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     assert bad.returncode == ExitCode.CONFIG and "bad.key" in bad.stderr
+
+
+def test_keys_handed_over_by_systemd_pass_the_mode_check_only_there(
+    rig: Rig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd 257 hands credentials over with mode 440 (the service's group) in a folder
+    only the service can enter: fine there, and still refused anywhere else."""
+    files = rig.vehicle()
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    shutil.copy(files.config_path.parent / "vehicle.key", creds / "vehicle.key")
+    (creds / "vehicle.key").chmod(0o440)
+    text = files.config_path.read_text()
+    files.config_path.write_text(
+        text.replace(
+            'vehicle_key = "vehicle.key"', 'vehicle_key = "${CREDENTIALS_DIRECTORY}/vehicle.key"'
+        )
+    )
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    assert "vehicle-key" not in {
+        c.name for c in doctor.offline(files.config_path)[0] if c.verdict is doctor.Verdict.FAIL
+    }
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    (files.config_path.parent / "credentials").mkdir()
+    shutil.copy(creds / "vehicle.key", files.config_path.parent / "credentials" / "vehicle.key")
+    only_failure(doctor.offline(files.config_path)[0], "vehicle-key", "chmod 600")

@@ -95,7 +95,12 @@ class Booted:
         raise RigError("the container's systemd did not finish booting in 60 s")
 
     def sh(
-        self, script: str, *, env: dict[str, str] | None = None, check: bool = True, timeout: float = 300
+        self,
+        script: str,
+        *,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+        timeout: float = 300,
     ) -> subprocess.CompletedProcess[str]:
         """Run a bash script as root inside the container (errexit, pipefail)."""
         argv = ["nsenter", "-t", str(self.leader), "-a", "--", "/usr/bin/env", "-i",
@@ -122,7 +127,9 @@ class Booted:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def foreign(root: Path, script: str, *, env: dict[str, str], timeout: float = 600) -> subprocess.Popen[str]:
+def foreign(
+    root: Path, script: str, *, env: dict[str, str], timeout: float = 600
+) -> subprocess.Popen[str]:
     """Start a bash script in a (not booted) root of another CPU, under qemu-user; returns the
     running process (its output on stdout)."""
     argv = ["systemd-nspawn", "--register=no", "--keep-unit", "--quiet", "--pipe", "-D", str(root),

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from tests.rig.container import Booted, RigError, foreign, image, log
-from tests.rig.readme import Block, install_blocks
+from tests.rig.readme import install_blocks
 
 REPO = Path(__file__).resolve().parents[2]
 DEB = REPO / "dist" / "deb"
@@ -75,7 +75,7 @@ class Fleet:
     def _script(self, block: str) -> str:
         car = re.escape(VEHICLE_HOST)
         scp = (
-            "scp() { local args=(); for a in \"$@\"; do "
+            'scp() { local args=(); for a in "$@"; do '
             f'args+=("$(printf %s "$a" | sed -E "s#^{car}:#{self.car_root}#")"); done; '
             'cp "${args[@]}"; }\n'
         )
@@ -124,7 +124,9 @@ def first_result_after(queue: Path, started: float, out: dict[str, float]) -> th
             if queue.exists():
                 try:
                     with sqlite3.connect(f"file:{queue}?mode=ro", uri=True, timeout=1) as db:
-                        (done,) = db.execute("SELECT COUNT(*) FROM jobs WHERE state='done'").fetchone()
+                        (done,) = db.execute(
+                            "SELECT COUNT(*) FROM jobs WHERE state='done'"
+                        ).fetchone()
                 except sqlite3.Error:
                     done = 0
                 if done:
@@ -164,7 +166,11 @@ def owner_checks(car: Booted, report: dict[str, object], *, lifecycle: bool) -> 
     log(f"  READY; STATUS={props['StatusText']!r}")
 
     # Idle RSS under systemd: after the jobs, once the worker has stopped (worker_idle_s).
-    wait_until("the worker to stop when idle", lambda: not (status_json(car).get("worker") or {}).get("pid"), 60)  # type: ignore[union-attr]
+    wait_until(
+        "the worker to stop when idle",
+        lambda: not (status_json(car).get("worker") or {}).get("pid"),
+        60,
+    )  # type: ignore[union-attr]
     pid = show(car, "MainPID")["MainPID"]
     rss = car.sh(f"grep VmRSS /proc/{pid}/status").stdout.split()[1]
     report["idle_rss_mb"] = round(int(rss) / 1024, 1)
@@ -176,23 +182,37 @@ def owner_checks(car: Booted, report: dict[str, object], *, lifecycle: bool) -> 
         'edge-agent models add "$f" --name burn-copy --sha256 "$(sha256sum "$f" | cut -d" " -f1)"'
         " && systemctl reload edge-agent"
     )
-    wait_until("the added model held", lambda: "burn-copy" in (status_json(car).get("models") or []))  # type: ignore[operator]
+    wait_until(
+        "the added model held", lambda: "burn-copy" in (status_json(car).get("models") or [])
+    )  # type: ignore[operator]
     log("  models add into the state directory: held after reload")
 
     # Reload applies a change: the owner opts out, the gate closes for that reason.
-    car.sh("sed -i 's/^opted_in = true/opted_in = false/' /etc/edge-agent/agent.toml && systemctl reload edge-agent")
+    car.sh(
+        "sed -i 's/^opted_in = true/opted_in = false/' /etc/edge-agent/agent.toml"
+        " && systemctl reload edge-agent"
+    )
     wait_until(
         "the opt-out applied by reload",
         lambda: "not_opted_in" in (status_json(car)["gate"]["reasons"]),  # type: ignore[index]
     )
-    car.sh("sed -i 's/^opted_in = false/opted_in = true/' /etc/edge-agent/agent.toml && systemctl reload edge-agent")
+    car.sh(
+        "sed -i 's/^opted_in = false/opted_in = true/' /etc/edge-agent/agent.toml"
+        " && systemctl reload edge-agent"
+    )
     log("  systemctl reload applied an opt-out, then the opt-in again")
 
     # An error the test provokes, found by priority: a broken config refused at reload.
-    car.sh("cp /etc/edge-agent/agent.toml /root/good.toml && echo 'colour = 1' >> /etc/edge-agent/agent.toml && systemctl reload edge-agent")
+    car.sh(
+        "cp /etc/edge-agent/agent.toml /root/good.toml"
+        " && echo 'colour = 1' >> /etc/edge-agent/agent.toml && systemctl reload edge-agent"
+    )
     wait_until(
         "journalctl -p err to show the refused reload",
-        lambda: "config_reload_refused" in car.sh("journalctl -u edge-agent -p err --no-pager -o cat", check=False).stdout,
+        lambda: (
+            "config_reload_refused"
+            in car.sh("journalctl -u edge-agent -p err --no-pager -o cat", check=False).stdout
+        ),
     )
     car.sh("cp /root/good.toml /etc/edge-agent/agent.toml")
     log("  journalctl -p err shows config_reload_refused")
@@ -200,20 +220,26 @@ def owner_checks(car: Booted, report: dict[str, object], *, lifecycle: bool) -> 
     # The watchdog restarts a frozen agent (a drop-in shortens WatchdogSec for the test).
     car.sh(
         "mkdir -p /etc/systemd/system/edge-agent.service.d && printf '[Service]\\nWatchdogSec=4\\n'"
-        " > /etc/systemd/system/edge-agent.service.d/rig.conf && systemctl daemon-reload && systemctl restart edge-agent"
+        " > /etc/systemd/system/edge-agent.service.d/rig.conf"
+        " && systemctl daemon-reload && systemctl restart edge-agent"
     )
     frozen = show(car, "MainPID")["MainPID"]
     car.sh(f"kill -STOP {frozen}")
     wait_until(
         "the watchdog to restart the SIGSTOPped agent",
-        lambda: (p := show(car, "MainPID", "ActiveState", "NRestarts"))["MainPID"] not in ("0", frozen)
-        and p["ActiveState"] == "active" and int(p["NRestarts"]) >= 1,
+        lambda: (
+            (p := show(car, "MainPID", "ActiveState", "NRestarts"))["MainPID"] not in ("0", frozen)
+            and p["ActiveState"] == "active"
+            and int(p["NRestarts"]) >= 1
+        ),
         timeout=60,
     )
     car.sh("rm -r /etc/systemd/system/edge-agent.service.d && systemctl daemon-reload")
     log("  the watchdog restarted a SIGSTOPped agent")
 
-    exposure = car.sh("systemd-analyze security edge-agent.service --no-pager 2>&1 | tail -1").stdout
+    exposure = car.sh(
+        "systemd-analyze security edge-agent.service --no-pager 2>&1 | tail -1"
+    ).stdout
     score = float(re.search(r"level for edge-agent\.service:\s*([0-9.]+)", exposure).group(1))  # type: ignore[union-attr]
     report["security_exposure"] = score
     if score > 2.0:
@@ -227,7 +253,10 @@ def owner_checks(car: Booted, report: dict[str, object], *, lifecycle: bool) -> 
     log("  systemctl stop: exit 0")
 
     if lifecycle:
-        kept = "/etc/edge-agent/credentials/vehicle.key /var/lib/private/edge-agent/state.db /etc/edge-agent/agent.toml"
+        kept = (
+            "/etc/edge-agent/credentials/vehicle.key /var/lib/private/edge-agent/state.db "
+            "/etc/edge-agent/agent.toml"
+        )
         car.sh("apt-get install -y --reinstall /root/edge-agent_*.deb >/dev/null 2>&1")
         car.sh(f"ls {kept} >/dev/null")
         car.sh("apt-get remove -y edge-agent >/dev/null 2>&1")
@@ -270,8 +299,13 @@ def booted_run(suite: str, work: Path) -> dict[str, object]:
         if done.get("done") != 20:
             raise RigError(f"not every job done: {done}")
         report["jobs_done"] = done["done"]
-        log(f"{suite}: 20/20 jobs done; first result {report.get('first_result_s')} s after boot started")
+        log(
+            f"{suite}: 20/20 jobs done; first result {report.get('first_result_s')} s after boot started"
+        )
         owner_checks(car, report, lifecycle=suite == "bookworm")
+    except RigError as exc:
+        journal = car.sh("journalctl -u edge-agent -n 40 --no-pager -o cat || true", check=False)
+        raise RigError(f"{exc}\n--- the agent's journal in {suite}\n{journal.stdout}") from None
     finally:
         fleet.stop()
         car.shutdown()
@@ -309,7 +343,15 @@ def arm64_run(work: Path) -> dict[str, object]:
     ef = [str(REPO / ".venv" / "bin" / "edge-fleet")]
 
     def fleet(*args: str) -> str:
-        return subprocess.run([*ef, *args], cwd=fleet_dir, env=env, check=True, capture_output=True, text=True, timeout=120).stdout
+        return subprocess.run(
+            [*ef, *args],
+            cwd=fleet_dir,
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
 
     fleet("keygen", "--root-key", "root.key")
     fleet("keygen", "--job-key", "job.key", "--trusted-out", "trusted.json")
@@ -317,9 +359,22 @@ def arm64_run(work: Path) -> dict[str, object]:
     fleet("policy", "sign", "--root-key", "root.key", "--job-key", "job.key", "--requester-key",
           "requester.key", "--version", "1", "--out", "trust-policy.json")  # fmt: skip
     car_key = root / "root" / "vehicle.key"
-    subprocess.run([sys.executable, "-m", "agent.cli", "keygen", "--out", str(car_key)], check=True, capture_output=True, cwd=REPO)
-    pub = subprocess.run([sys.executable, "-m", "agent.cli", "pubkey", str(car_key)], check=True, capture_output=True, text=True, cwd=REPO).stdout.strip()
-    fleet("register", "--registry", "vehicles.json", "--vehicle-id", "veh-arm64", "--public-key", pub)
+    subprocess.run(
+        [sys.executable, "-m", "agent.cli", "keygen", "--out", str(car_key)],
+        check=True,
+        capture_output=True,
+        cwd=REPO,
+    )
+    pub = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "pubkey", str(car_key)],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    ).stdout.strip()
+    fleet(
+        "register", "--registry", "vehicles.json", "--vehicle-id", "veh-arm64", "--public-key", pub
+    )
     shutil.copy(fleet_dir / "trust-policy.json", root / "root" / "trust-policy.json")
     (root / "root" / "agent.toml").write_text(
         agent_toml(
@@ -333,7 +388,13 @@ def arm64_run(work: Path) -> dict[str, object]:
         )
     )  # fmt: skip
     fleet("submit", "--queue", "queue.db", "--requester-key", "requester.key", "--count", "30")
-    broker = subprocess.Popen([*ef, "broker", "--port", str(port)], cwd=fleet_dir, env=env, stdout=subprocess.DEVNULL, start_new_session=True)
+    broker = subprocess.Popen(
+        [*ef, "broker", "--port", str(port)],
+        cwd=fleet_dir,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     serve = subprocess.Popen(
         [*ef, "serve", "--queue", "queue.db", "--job-key", "job.key", "--requester-key",
          "requester.key", "--registry", "vehicles.json", "--port", str(port)],
@@ -345,7 +406,15 @@ def arm64_run(work: Path) -> dict[str, object]:
     reader = threading.Thread(target=lambda: lines.extend(car.stdout or []), daemon=True)  # type: ignore[arg-type]
     reader.start()
     try:
-        result = subprocess.run([*ef, "jobs", "--queue", "queue.db", "--wait-done", "600"], cwd=fleet_dir, env=env, capture_output=True, text=True, timeout=660, check=False)
+        result = subprocess.run(
+            [*ef, "jobs", "--queue", "queue.db", "--wait-done", "600"],
+            cwd=fleet_dir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=660,
+            check=False,
+        )
         counts = json.loads(result.stdout)
         if counts.get("done") != 30:
             raise RigError(f"arm64: not every job done: {counts}\n" + "".join(lines[-40:]))
@@ -377,8 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         print("the rig test boots containers: run it as root", file=sys.stderr)
         return 2
     results: dict[str, object] = {
-        "machine": subprocess.run(["uname", "-srm"], capture_output=True, text=True, check=False).stdout.strip(),
-        "deb_sizes_mb": {p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(DEB.glob("*.deb"))},
+        "machine": subprocess.run(
+            ["uname", "-srm"], capture_output=True, text=True, check=False
+        ).stdout.strip(),
+        "deb_sizes_mb": {
+            p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(DEB.glob("*.deb"))
+        },
         "runs": [],
     }
     started = time.monotonic()
