@@ -159,6 +159,7 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
             threads=config.agent.intra_op_threads,
             memory_mb=config.agent.worker_memory_mb,
             idle_s=config.agent.worker_idle_s,
+            providers=config.agent.execution_providers,
         ),
         store=store,
         signing_key=signing_key,

@@ -233,6 +233,20 @@ class AgentSection(_Section):
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint, nothing recorded
     heartbeat_s: float = Field(default=10.0, ge=0.1, le=3600)
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=300)
+    # onnxruntime execution providers in order of preference; those the installed build
+    # lacks are skipped (logged), and the CPU is always the last fallback.
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+
+    @field_validator("execution_providers")
+    @classmethod
+    def _provider_names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.fullmatch(r"[A-Za-z][A-Za-z0-9]{0,62}ExecutionProvider", name):
+                raise ValueError(
+                    f"{name!r} is not an onnxruntime execution provider name "
+                    "(e.g. CUDAExecutionProvider, TensorrtExecutionProvider, CPUExecutionProvider)"
+                )
+        return value
 
 
 class AgentConfig(BaseModel):

@@ -494,3 +494,48 @@ def test_a_reply_announcing_a_buffer_over_the_limit_is_not_read():
     with pytest.raises(ValueError, match="a buffer of 1099511627776 bytes"):
         read_frame(stream, "outputs")
     assert stream.tell() == 4 + len(header), "nothing of the buffer was read"
+
+
+def test_execution_providers_are_chosen_from_what_the_build_has_with_the_cpu_last():
+    """The config's order where the build has them; the CPU always, and last."""
+    from agent.inference.worker import choose_providers
+
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    cpu_build = ["CPUExecutionProvider"]
+    wanted = ["CUDAExecutionProvider", "TensorrtExecutionProvider", "CPUExecutionProvider"]
+    assert choose_providers(wanted, gpu_build) == [
+        "CUDAExecutionProvider",
+        "TensorrtExecutionProvider",
+        "CPUExecutionProvider",
+    ]
+    assert choose_providers(wanted, cpu_build) == ["CPUExecutionProvider"]
+    assert choose_providers(["CPUExecutionProvider"], gpu_build) == ["CPUExecutionProvider"]
+    assert choose_providers([], gpu_build) == ["CPUExecutionProvider"]
+
+
+async def test_a_provider_this_build_lacks_falls_back_to_the_cpu_and_jobs_run():
+    """Asked for CUDA on this CPU-only onnxruntime: the worker says what it uses and what
+    is missing, and the job runs on the CPU with onnxruntime's own answer."""
+    import onnxruntime as ort
+
+    engine = WorkerEngine(providers=("CUDAExecutionProvider", "CPUExecutionProvider"))
+    x = holdout()[0][:4]
+    try:
+        out = await engine.run(
+            DIGITS_MODEL, MODELS / "digits.onnx", {"X": Tensor.from_numpy(x)}, deadline_s=30
+        )
+    finally:
+        await engine.stop()
+    assert engine.using == ("CPUExecutionProvider",), "CUDA is not in this build: the CPU only"
+    local = ort.InferenceSession(str(MODELS / "digits.onnx")).run(None, {"X": x})
+    assert out["label"].to_numpy().tolist() == local[0].tolist()
+
+
+def test_a_misspelt_execution_provider_is_refused_by_the_config(tmp_path):
+    from agent.config import ConfigError, parse_config
+    from tests.test_config import GOOD
+
+    text = GOOD + '\n[agent]\nexecution_providers = ["cuda"]\n'
+    with pytest.raises(ConfigError) as err:
+        parse_config(text, path=tmp_path / "agent.toml", environ={})
+    assert "is not an onnxruntime execution provider name" in str(err.value)

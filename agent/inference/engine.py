@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,7 +88,16 @@ class _Replies:
 class WorkerEngine:
     """One worker process at a time, one job at a time."""
 
-    def __init__(self, *, threads: int = 1, memory_mb: int = 2048, idle_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        *,
+        threads: int = 1,
+        memory_mb: int = 2048,
+        idle_s: float = 10.0,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+    ) -> None:
+        self.providers = tuple(providers)
+        self.using: tuple[str, ...] = ()  # what the running worker's onnxruntime took
         self.threads = threads
         self.memory_mb = memory_mb
         self.idle_s = idle_s
@@ -192,6 +201,8 @@ class WorkerEngine:
                 str(self.threads),
                 "--memory-mb",
                 str(self.memory_mb),
+                "--providers",
+                ",".join(self.providers),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=stdout,
             )
@@ -220,7 +231,20 @@ class WorkerEngine:
             raise WireError(
                 Reason.WORKER_UNAVAILABLE, f"the inference worker did not start: {why}"
             ) from None
-        self._log.info("worker_started", pid=ready.get("pid"), memory_mb=self.memory_mb)
+        self.using = tuple(ready.get("providers") or ())
+        self._log.info(
+            "worker_started",
+            pid=ready.get("pid"),
+            memory_mb=self.memory_mb,
+            providers=ready.get("providers"),
+        )
+        if ready.get("missing"):
+            self._log.warning(
+                "execution_provider_unavailable",
+                missing=ready.get("missing"),
+                using=ready.get("providers"),
+                fix="this onnxruntime build lacks them (docs/install.md, Jetson); the CPU runs the jobs",
+            )
         return proc
 
     async def _reap(self) -> None:

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any, BinaryIO
 
 from agent.inference import frames
@@ -42,13 +43,25 @@ def _reply(out: BinaryIO, header: dict[str, Any], buffers: list[Any] | None = No
     out.flush()
 
 
+CPU = "CPUExecutionProvider"
+
+
+def choose_providers(wanted: Sequence[str], available: Sequence[str]) -> list[str]:
+    """The execution providers to ask onnxruntime for: those the config wants, in its order,
+    that this onnxruntime build has, and the CPU last as the fallback it always has."""
+    chosen = [name for name in wanted if name in available and name != CPU]
+    return [*chosen, CPU]
+
+
 class Runtime:
-    def __init__(self, threads: int) -> None:
+    def __init__(self, threads: int, providers: Sequence[str] = (CPU,)) -> None:
         import onnxruntime as ort
 
         self._ort = ort
         self._threads = threads
         self._sessions: dict[str, Any] = {}
+        self.available = list(ort.get_available_providers())
+        self.providers = choose_providers(providers, self.available)
 
     def session(self, spec: dict[str, Any]) -> Any:
         digest = spec["sha256"]
@@ -67,7 +80,7 @@ class Runtime:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         opts.log_severity_level = 3
-        session = self._ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        session = self._ort.InferenceSession(data, opts, providers=self.providers)
         self._sessions[digest] = session
         return session
 
@@ -141,10 +154,19 @@ def _write_replies(out: BinaryIO, replies: queue.SimpleQueue[Reply | None]) -> N
             os._exit(1)  # so that it sees a dead worker instead of waiting for a reply
 
 
-def serve(inp: BinaryIO, out: BinaryIO, threads: int) -> int:
+def serve(inp: BinaryIO, out: BinaryIO, threads: int, providers: Sequence[str] = (CPU,)) -> int:
     _widen_pipes(inp, out)
-    runtime = Runtime(threads)
-    _reply(out, {"ok": True, "ready": True, "pid": os.getpid()})
+    runtime = Runtime(threads, providers)
+    _reply(
+        out,
+        {
+            "ok": True,
+            "ready": True,
+            "pid": os.getpid(),
+            "providers": runtime.providers,
+            "missing": [name for name in providers if name not in runtime.providers],
+        },
+    )
     replies: queue.SimpleQueue[Reply | None] = queue.SimpleQueue()
     writer = threading.Thread(target=_write_replies, args=(out, replies), name="replies")
     writer.start()
@@ -189,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="edge-agent-worker")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--memory-mb", type=int, default=0)
+    p.add_argument("--providers", default=CPU, help="execution providers, comma-separated")
     args = p.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
     _limit_memory(args.memory_mb)
-    return serve(sys.stdin.buffer, sys.stdout.buffer, args.threads)
+    return serve(sys.stdin.buffer, sys.stdout.buffer, args.threads, args.providers.split(","))
 
 
 if __name__ == "__main__":

@@ -403,11 +403,16 @@ def arm64_run(work: Path) -> dict[str, object]:
     started = time.monotonic()
     car = foreign(root, ARM_SCRIPT, env={})
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(car.stdout or []), daemon=True)  # type: ignore[arg-type]
-    reader.start()
+
+    def read() -> None:
+        for line in car.stdout or []:
+            lines.append(line)
+
+    threading.Thread(target=read, name="arm64-agent", daemon=True).start()
+    wait_s = os.environ.get("RIG_ARM64_WAIT_S", "900")
     try:
         result = subprocess.run(
-            [*ef, "jobs", "--queue", "queue.db", "--wait-done", "600"],
+            [*ef, "jobs", "--queue", "queue.db", "--wait-done", wait_s],
             cwd=fleet_dir,
             env=env,
             capture_output=True,
