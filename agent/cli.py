@@ -214,6 +214,10 @@ def _render_status(st: dict[str, Any]) -> str:
         if w.get("pid")
         else "worker    none (started with the first job)"
     )
+    if w.get("unavailable_retry_in_s"):
+        lines.append(
+            f"          could not start: no work asked for {w['unavailable_retry_in_s']:g} s more"
+        )
     policy = st.get("trust_policy_version")
     lines.append(
         f"models    {', '.join(st.get('models') or []) or 'none'}"

@@ -246,6 +246,7 @@ class Agent:
             self.gate.is_open
             and not self._stopping
             and self.outbox.depth < self.config.agent.outbox_max
+            and self.executor.worker_may_start()
         )
 
     def _gate_changed(self, decision: GateDecision) -> None:

@@ -19,9 +19,11 @@ from broker.local import LocalMosquitto
 from broker.queue import JobQueue, JobTemplate
 from tests.support import (
     BURN_REF,
+    job_spec,
     observing,
     refused_at_start,
     running_agent,
+    signed,
     wait_for,
     write_vehicle,
 )
@@ -360,3 +362,34 @@ async def test_replay_record_forgets_expired_jobs_in_memory_and_on_disk(fleet, t
     await agent.intake.prune()
     assert set(agent.intake.seen) == {("live", 1)}
     assert ("old", 1) not in journal.load_seen(now - 100)
+
+
+async def test_a_worker_that_cannot_start_hands_jobs_back_then_stops_asking_for_work(
+    mosquitto, fleet, tmp_path, monkeypatch
+):
+    """onnxruntime crashing at import (as 1.28+ does on aarch64 under qemu-user): every job
+    is handed back, none used up, and after the second failure in a row the car stops
+    asking for work for a while instead of taking and returning a job every 2 s."""
+    broken = tmp_path / "broken"
+    (broken / "onnxruntime").mkdir(parents=True)
+    (broken / "onnxruntime" / "__init__.py").write_text(
+        "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(broken))  # the worker's import path, not ours
+    files = write_vehicle(tmp_path, "veh-noworker", port=mosquitto.port, fleet=fleet)
+    async with observing(mosquitto.port, "veh-noworker") as obs, running_agent(files) as agent:
+        for n in (1, 2):
+            await obs.send_job(
+                signed(job_spec(fleet, "veh-noworker", job_id=f"j{n}"), fleet.job_key)
+            )
+            await wait_for(
+                lambda n=n: "released" in obs.kinds(f"j{n}"), timeout=20, what=f"j{n} back"
+            )
+        released = [e for e in obs.events if e["kind"] == "released"]
+        assert {e["reason"] for e in released} == {"worker_unavailable"}
+        assert "SIGSEGV" in released[0]["detail"]
+        assert not any(e["kind"] == "failed" for e in obs.events), "no attempt used up"
+        assert not agent.executor.worker_may_start()
+        asked = len(obs.work)
+        await asyncio.sleep(3.0)  # more than the 0.3 s work-request interval of this config
+        assert len(obs.work) == asked, "no work asked for while the worker cannot start"

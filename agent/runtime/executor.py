@@ -33,6 +33,10 @@ from agent.wire.errors import Reason, WireError
 from agent.wire.messages import EventKind, JobSpec
 from agent.wire.tensors import Tensor
 
+WORKER_FAILURES_BEFORE_BACKOFF = 2
+WORKER_BACKOFF_S = 5.0
+WORKER_BACKOFF_CAP_S = 600.0
+
 REAP_EVERY_S = 1.0
 
 Key = tuple[str, int]
@@ -101,6 +105,12 @@ class Executor:
         self.idle = asyncio.Event()
         self.job_running = asyncio.Event()
         self._preempt_reason = ""
+        # A worker that cannot start (a broken onnxruntime, no memory): jobs are handed back,
+        # and after the second failure in a row no new work is asked for until this time
+        # (monotonic), 5 s doubling to 10 min, so that the car does not spin taking and
+        # returning jobs every 2 s.
+        self._worker_failures = 0
+        self.worker_retry_at = 0.0
         self._preempted: AcceptedJob | None = None  # the job whose compute we stopped
 
     # ---- what others read ---------------------------------------------------
@@ -281,6 +291,7 @@ class Executor:
             return
         if isinstance(outcome, Exception):
             raise outcome
+        self._worker_failures = 0
         runtime_ms = (time.perf_counter() - started) * 1000
         self._rec.metrics.job_seconds.observe(runtime_ms / 1000)
         energy_wh = self._energy.book(key, self._next_computing(item))
@@ -294,6 +305,8 @@ class Executor:
             # wait_for, inside aiomqtt's publish, returns a result that arrived with it),
             # but the job was preempted, not crashed: never a strike towards poison.
             raise asyncio.CancelledError
+        if err.reason is Reason.WORKER_UNAVAILABLE:
+            self._worker_unavailable(err.detail)
         if err.reason in (Reason.WORKER_KILLED, Reason.WORKER_UNAVAILABLE):
             # Not the job's fault: handed back, no strike, no attempt used at the fleet.
             await self._energy.close(key, "released")
@@ -308,6 +321,28 @@ class Executor:
                 detail += "; this job has now killed the worker twice and is not run here again"
         await self._energy.close(key, "failed", self._next_computing(item))
         await self._journal.happened(key, EventKind.FAILED, err.reason.value, detail)
+
+    def _worker_unavailable(self, detail: str) -> None:
+        self._worker_failures += 1
+        if self._worker_failures < WORKER_FAILURES_BEFORE_BACKOFF:
+            return
+        wait_s = min(
+            WORKER_BACKOFF_CAP_S,
+            WORKER_BACKOFF_S * 2 ** (self._worker_failures - WORKER_FAILURES_BEFORE_BACKOFF),
+        )
+        self.worker_retry_at = time.monotonic() + wait_s
+        self._rec.log(
+            "error",
+            "worker_unavailable",
+            failures_in_a_row=self._worker_failures,
+            detail=detail,
+            asking_for_work_again_in_s=wait_s,
+            fix="check onnxruntime with: /opt/edge-agent/bin/python -c 'import onnxruntime'",
+        )
+
+    def worker_may_start(self) -> bool:
+        """False while backing off after the worker failed to start twice or more in a row."""
+        return time.monotonic() >= self.worker_retry_at
 
     def _next_computing(self, item: AcceptedJob) -> Key | None:
         """The job the worker went on to after `item` (staged behind it), if any."""

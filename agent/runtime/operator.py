@@ -135,6 +135,11 @@ class Operator:
                 "computing": self._engine.busy,
                 "requests": self._engine.requests,
                 "paused": self._engine.paused,
+                "providers": list(self._engine.using),
+                # After the worker failed to start twice in a row: when work is asked again.
+                "unavailable_retry_in_s": max(
+                    0.0, round(self._executor.worker_retry_at - time.monotonic(), 1)
+                ),
             },
             "scenario": self._scenario_status(),
             "queued_jobs": self._executor.queued,

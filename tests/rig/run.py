@@ -313,7 +313,7 @@ def booted_run(suite: str, work: Path) -> dict[str, object]:
 
 
 ARM_SCRIPT = """
-cd /root && apt-get update -qq && apt-get install -y -qq ./edge-agent_*.deb >/dev/null
+cd /root && apt-get install -y -qq ./edge-agent_*.deb >/dev/null
 install -m 644 trust-policy.json /etc/edge-agent/trust-policy.json
 install -m 600 vehicle.key /etc/edge-agent/credentials/vehicle.key
 cp agent.toml /etc/edge-agent/agent.toml
