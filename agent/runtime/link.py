@@ -250,15 +250,23 @@ class Link:
             self._disconnect_reason == SESSION_TAKEN_OVER
             or self._short_connections >= SHORT_CONNECTIONS_TAKEN_OVER
         )
-        if taken_over:
+        if self._disconnect_reason == SESSION_TAKEN_OVER:
             self._taken_over = True
             reason = (
                 f"another connection with vehicle id {self.vehicle_id!r} took over this one's "
-                "session (the broker closed it right after accepting it, "
-                f"{self._short_connections or 1} time(s) in a row): two agents, or a copied "
-                "config, share this vehicle id; stop the other one or give it its own id"
+                "session: two agents, or a copied config, share this vehicle id; stop the "
+                "other one or give it its own id"
             )
             self._rec.log("error", "vehicle_id_in_use", reason=reason)
+        elif taken_over:
+            self._taken_over = True
+            reason = (
+                f"the broker closed the connection right after accepting it, "
+                f"{self._short_connections} times in a row: most often two agents, or a copied "
+                f"config, share this vehicle id ({self.vehicle_id!r}) and take the session "
+                "from each other; if not, the broker's log says why. Retrying every 30 s"
+            )
+            self._rec.log("error", "connection_closed_after_connect", reason=reason)
         else:
             self._taken_over = False
             self._rec.log("warning", "disconnected", reason=reason)

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from tests.rig.container import Booted, RigError, foreign, image, log
+from tests.rig.container import Booted, RigError, ensure_binfmt_aarch64, foreign, image, log
 from tests.rig.readme import install_blocks
 
 REPO = Path(__file__).resolve().parents[2]
@@ -330,6 +330,7 @@ def arm64_run(work: Path) -> dict[str, object]:
     from broker.agent_config import agent_toml
 
     report: dict[str, object] = {"suite": "bookworm", "arch": "arm64"}
+    ensure_binfmt_aarch64()  # after a reboot the cached root is there, the registration not
     source = image("bookworm", "arm64")
     root = work / "bookworm-arm64"
     subprocess.run(["cp", "-a", "--reflink=auto", str(source), str(root)], check=True)
