@@ -12,7 +12,7 @@ import subprocess
 import time
 from pathlib import Path
 
-CACHE = Path(os.environ.get("EDGE_AGENT_RIG_CACHE", "/var/cache/edge-agent-rig"))
+CACHE = Path(os.environ.get("RIG_TEST_CACHE", "/var/cache/edge-agent-rig"))
 MIRROR = "http://deb.debian.org/debian"
 PACKAGES = "systemd,systemd-sysv,dbus,ca-certificates,python3,procps"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
