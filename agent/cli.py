@@ -188,7 +188,12 @@ def _render_status(st: dict[str, Any]) -> str:
         lines.append(f"          last error {broker['last_error_at']}: {broker['last_error']}")
     lines += [
         f"gate      {'OPEN' if gate['open'] else 'closed'}"
-        + ("" if gate["open"] else f"  because: {', '.join(gate['reasons'])}"),
+        + ("" if gate["open"] else f"  because: {', '.join(gate['reasons'])}")
+        + (
+            f"; the owner's hours open at {gate['next_window_opens']}"
+            if gate.get("next_window_opens")
+            else ""
+        ),
     ]
     v = st.get("vehicle")
     if v:

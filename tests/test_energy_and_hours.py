@@ -208,3 +208,46 @@ def test_the_cars_counter_follows_the_workers_cpu_time_through_counter_lag():
     busy["s"] = 0.2  # a new worker's counter starts lower: never negative energy
     car.snapshot(1.5)
     assert car.compute_energy_j - start_j == pytest.approx(expected + model.compute_idle_w * 0.05)
+
+
+@pytest.mark.parametrize(
+    ("now", "expected"),
+    [
+        ("2026-11-30 07:30", "2026-11-30 19:00"),  # Monday morning: tonight's window
+        ("2026-11-30 06:59", None),  # inside a window: nothing to wait for
+        ("2026-11-30 19:00", None),  # a window's first minute is inside it
+        ("2026-12-04 23:59", None),  # Friday night, inside 19:00-24:00
+        ("2026-12-02 12:00", "2026-12-03 01:00"),  # Wednesday allows nothing: Thursday's first
+        ("2026-12-06 18:00", "2026-11-30 00:00"),  # Sunday's gap: Monday at midnight
+    ],
+)
+def test_next_window_opening_for_status(now, expected):
+    """`edge-agent status` says when the owner's hours next open, from the same windows."""
+    berlin = zoneinfo.ZoneInfo("Europe/Berlin")
+    hours = AllowedHours.from_config(
+        {
+            "mon": ["00:00-07:00", "19:00-24:00"],
+            "wed": [],
+            "thu": ["01:00-02:00"],
+            "fri": ["19:00-24:00"],
+            "sun": ["00:00-17:00"],
+        }
+    )
+    local = dt.datetime.strptime(now, "%Y-%m-%d %H:%M").replace(tzinfo=berlin)
+    opening = hours.next_opening(local)
+    if expected is None:
+        assert opening is None
+    else:
+        want = dt.datetime.strptime(expected, "%Y-%m-%d %H:%M").replace(tzinfo=berlin)
+        if want < local:
+            want += dt.timedelta(days=7)
+        assert opening == want
+        assert hours.allows(opening)
+        assert not hours.allows(opening - dt.timedelta(minutes=1))
+    assert hours.next_opening(local) is None or not hours.allows(local)
+    assert (
+        AllowedHours.from_config(
+            {d: [] for d in ("mon", "tue", "wed", "thu", "fri", "sat", "sun")}
+        ).next_opening(local)
+        is None
+    )

@@ -56,3 +56,24 @@ class AllowedHours:
     def allows(self, local: dt.datetime) -> bool:
         minute = local.hour * 60 + local.minute
         return any(start <= minute < end for start, end in self.windows[local.weekday()])
+
+    def next_opening(self, local: dt.datetime) -> dt.datetime | None:
+        """When the next allowed window opens after `local` (an aware local time), or None
+        when `local` is inside a window or no weekday allows anything. Wall-clock minutes:
+        a DST change on the way shifts the answer by the change, as the owner reads it."""
+        if self.allows(local):
+            return None
+        minute = local.hour * 60 + local.minute
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        for days_ahead in range(8):
+            weekday = (local.weekday() + days_ahead) % 7
+            starts = sorted(
+                start for start, end in self.windows[weekday] if days_ahead > 0 or start > minute
+            )
+            if starts:
+                day = (midnight + dt.timedelta(days=days_ahead)).date()
+                start = starts[0]
+                return dt.datetime.combine(
+                    day, dt.time(start // 60, start % 60), tzinfo=local.tzinfo
+                )
+        return None

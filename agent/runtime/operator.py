@@ -46,6 +46,10 @@ def _iso(at: float | None) -> str | None:
     return dt.datetime.fromtimestamp(at, dt.UTC).isoformat(timespec="seconds")
 
 
+def _local_iso(at: dt.datetime | None) -> str | None:
+    return at.isoformat(timespec="minutes") if at is not None else None
+
+
 class Operator:
     def __init__(
         self,
@@ -106,6 +110,7 @@ class Operator:
             "gate": {
                 "open": bool(decision and decision.open),
                 "reasons": [r.value for r in decision.reasons] if decision else ["starting"],
+                "next_window_opens": _local_iso(self._watch.next_window(self._clock())),
             },
             "vehicle": None
             if snap is None

@@ -70,6 +70,10 @@ class Watch:
     def local(self, at: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(at, self._config().owner.zone)
 
+    def next_window(self, now: float) -> dt.datetime | None:
+        """When the owner's next allowed window opens, if `now` is outside the hours."""
+        return self._hours.next_opening(self.local(now))
+
     def reconfigure(self, config: AgentConfig) -> None:
         """The owner's rules changed (a reload)."""
         self.gate.update_policy(gate_policy(config))
