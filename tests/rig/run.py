@@ -106,13 +106,18 @@ class Fleet:
 
     def stop(self) -> None:
         for proc in self.background:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            end(proc)
+
+
+def end(proc: subprocess.Popen[bytes] | subprocess.Popen[str], timeout: float = 20) -> None:
+    """SIGTERM to the process group a test started, SIGKILL if it does not go in time."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def first_result_after(queue: Path, started: float, out: dict[str, float]) -> threading.Thread:
@@ -431,12 +436,7 @@ def arm64_run(work: Path) -> dict[str, object]:
         log(f"arm64: doctor passed, 30/30 jobs done in {report['wall_s']} s under qemu-user")
     finally:
         for proc in (car, serve, broker):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
+            end(proc, timeout=30)
         shutil.rmtree(root, ignore_errors=True)
     return report
 
