@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the agent until SIGTERM")
-    run.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    run.add_argument("--config", type=Path, default=DEFAULT_PATH, help=f"(default {DEFAULT_PATH})")
     run.add_argument("--console", action="store_true", help="human-readable logs, not JSON")
     run.add_argument(
         "--log-level",
@@ -77,16 +77,18 @@ def _parser() -> argparse.ArgumentParser:
     vsub = vehicle.add_subparsers(dest="vehicle_command", required=True)
     vset = vsub.add_parser("set", help="set fields, e.g. gear=D plugged_in=false")
     _socket_args(vset)
-    vset.add_argument("fields", nargs="+", metavar="KEY=VALUE")
+    vset.add_argument(
+        "fields", nargs="+", metavar="KEY=VALUE", help="gear, plugged_in, soc_pct, ..."
+    )
     models = sub.add_parser("models", help="install or list models")
     msub = models.add_subparsers(dest="models_command", required=True)
     madd = msub.add_parser("add", help="install a pinned model file")
-    madd.add_argument("file", type=Path)
-    madd.add_argument("--name", required=True)
+    madd.add_argument("file", type=Path, help="the .onnx file")
+    madd.add_argument("--name", required=True, help="the name jobs use for it")
     madd.add_argument("--sha256", required=True, help="the pin, from the fleet's job spec")
-    madd.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    madd.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the owner config")
     mlist = msub.add_parser("list", help="list the models held")
-    mlist.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    mlist.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the owner config")
     return p
 
 
@@ -123,7 +125,7 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _socket_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, default=DEFAULT_PATH)
+    p.add_argument("--config", type=Path, default=DEFAULT_PATH, help="the owner config")
     p.add_argument("--socket", type=Path, help="the control socket (default: from the config)")
 
 

@@ -63,9 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edge-fleet {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run the end-to-end demo")
-    demo.add_argument("--jobs", type=int, default=300)
-    demo.add_argument("--report", type=Path, default=Path("demo-report.json"))
-    demo.add_argument("--workdir", type=Path, default=Path("demo-run"))
+    demo.add_argument("--jobs", type=int, default=300, help="digit jobs to submit (default 300)")
+    demo.add_argument(
+        "--report", type=Path, default=Path("demo-report.json"), help="the JSON summary"
+    )
+    demo.add_argument(
+        "--workdir", type=Path, default=Path("demo-run"), help="keys, configs and logs go here"
+    )
     demo.add_argument(
         "--plaintext",
         action="store_true",
@@ -97,15 +101,30 @@ def _parser() -> argparse.ArgumentParser:
         help="wait up to S seconds until no job is queued or leased (exit 1 if some still are)",
     )
     kg = sub.add_parser("keygen", help="make fleet keys")
-    kg.add_argument("--job-key", type=Path)
-    kg.add_argument("--trusted-out", type=Path)
-    kg.add_argument("--requester-key", type=Path)
-    kg.add_argument("--root-key", type=Path)
+    kg.add_argument("--job-key", type=Path, help="write an Ed25519 job-signing key here")
+    kg.add_argument(
+        "--trusted-out", type=Path, help="with --job-key: the trusted-keys file for bench rigs"
+    )
+    kg.add_argument(
+        "--requester-key", type=Path, help="write an X25519 key that receives results here"
+    )
+    kg.add_argument(
+        "--root-key", type=Path, help="write an offline root key here (keep it off-line)"
+    )
     pol = sub.add_parser("policy", help="sign or publish the fleet's trust policy")
     polsub = pol.add_subparsers(dest="policy_command", required=True)
     ps = polsub.add_parser("sign", help="write a root-signed trust policy")
-    ps.add_argument("--root-key", type=Path, action="append", required=True, metavar="PATH")
-    ps.add_argument("--threshold", type=int, default=1)
+    ps.add_argument(
+        "--root-key",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a root key that signs and is named in the policy (repeat for several roots)",
+    )
+    ps.add_argument(
+        "--threshold", type=int, default=1, help="root signatures a car requires (default 1)"
+    )
     ps.add_argument(
         "--also-sign-with",
         type=Path,
@@ -114,16 +133,38 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="old root keys, when the roots rotate (the vehicles' held roots must sign)",
     )
-    ps.add_argument("--job-key", type=Path, action="append", required=True, metavar="PATH")
-    ps.add_argument("--requester-key", type=Path, action="append", default=[], metavar="PATH")
-    ps.add_argument("--version", type=int, required=True)
-    ps.add_argument("--valid-days", type=float, default=30.0)
-    ps.add_argument("--job-class", action="append", default=[], metavar="NAME")
-    ps.add_argument("--out", type=Path, required=True)
+    ps.add_argument(
+        "--job-key",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="PATH",
+        help="a job-signing key the policy delegates (repeat)",
+    )
+    ps.add_argument(
+        "--requester-key",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a requester results may be sealed to (repeat)",
+    )
+    ps.add_argument(
+        "--version", type=int, required=True, help="higher than the policy the cars hold"
+    )
+    ps.add_argument("--valid-days", type=float, default=30.0, help="(default 30)")
+    ps.add_argument(
+        "--job-class",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="limit the job keys to these classes (repeat; default: any)",
+    )
+    ps.add_argument("--out", type=Path, required=True, help="the signed policy file")
     pp = polsub.add_parser("publish", help="publish a signed policy, retained")
-    pp.add_argument("--policy", type=Path, required=True)
-    pp.add_argument("--host", default="127.0.0.1")
-    pp.add_argument("--port", type=int, default=8883)
+    pp.add_argument("--policy", type=Path, required=True, help="from `edge-fleet policy sign`")
+    pp.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
+    pp.add_argument("--port", type=int, default=8883, help="(default 8883)")
     pp.add_argument("--pki", type=Path, help="the fleet PKI folder (mutual TLS)")
     pp.add_argument(
         "--installed",
@@ -132,13 +173,19 @@ def _parser() -> argparse.ArgumentParser:
         help="the policy installed on the cars, when the broker retains none yet",
     )
     reg = sub.add_parser("register", help="record a vehicle's public key")
-    reg.add_argument("--registry", type=Path, required=True)
-    reg.add_argument("--vehicle-id", required=True)
-    reg.add_argument("--public-key", required=True)
+    reg.add_argument(
+        "--registry", type=Path, required=True, help="the fleet's vehicles.json (made if absent)"
+    )
+    reg.add_argument("--vehicle-id", required=True, help="as in the car's config")
+    reg.add_argument(
+        "--public-key", required=True, metavar="B64", help="from `edge-agent pubkey` on the car"
+    )
     sb = sub.add_parser("submit", help="queue digit jobs")
-    sb.add_argument("--queue", type=Path, required=True)
-    sb.add_argument("--requester-key", type=Path, required=True)
-    sb.add_argument("--count", type=_positive_int, default=10)
+    sb.add_argument("--queue", type=Path, required=True, help="the queue database (made if absent)")
+    sb.add_argument(
+        "--requester-key", type=Path, required=True, help="whose key the results are sealed to"
+    )
+    sb.add_argument("--count", type=_positive_int, default=10, help="jobs to queue (default 10)")
     sb.add_argument(
         "--expires-in",
         type=_positive_float,
@@ -147,10 +194,20 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a job may wait for a car (preemptions and hand-backs requeue it until "
         "then; default one day)",
     )
-    sb.add_argument("--models", type=Path, default=MODELS)
+    sb.add_argument(
+        "--models", type=Path, default=MODELS, help="the models folder (default: the shipped one)"
+    )
     pv = sub.add_parser("provision", help="create the fleet's certificates")
-    pv.add_argument("--dir", type=Path, required=True)
-    pv.add_argument("--vehicle", action="append", default=[], metavar="ID")
+    pv.add_argument(
+        "--dir", type=Path, required=True, help="the PKI folder (the CA is made on first use)"
+    )
+    pv.add_argument(
+        "--vehicle",
+        action="append",
+        default=[],
+        metavar="ID",
+        help="issue a certificate for this vehicle (repeat)",
+    )
     pv.add_argument(
         "--host",
         action="append",
@@ -159,12 +216,14 @@ def _parser() -> argparse.ArgumentParser:
         help="a name or address the broker's certificate must carry",
     )
     sv = sub.add_parser("serve", help="run the dispatcher and collector")
-    sv.add_argument("--queue", type=Path, required=True)
-    sv.add_argument("--job-key", type=Path, required=True)
-    sv.add_argument("--requester-key", type=Path, required=True)
-    sv.add_argument("--registry", type=Path, required=True)
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8883)
+    sv.add_argument("--queue", type=Path, required=True, help="the queue database")
+    sv.add_argument("--job-key", type=Path, required=True, help="signs the jobs handed out")
+    sv.add_argument("--requester-key", type=Path, required=True, help="opens the sealed results")
+    sv.add_argument(
+        "--registry", type=Path, required=True, help="vehicles.json: whose results to accept"
+    )
+    sv.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8883, help="(default 8883)")
     sv.add_argument(
         "--max-failures",
         type=_positive_int,

@@ -121,3 +121,23 @@ def test_policy_publish_refuses_a_policy_the_cars_would_refuse(tmp_path: Path) -
         assert held == (tmp_path / "v2.json").read_bytes()
     finally:
         broker.stop()
+
+
+def test_every_flag_of_both_commands_has_help_text():
+    """`--help` is the first thing an operator reads: no flag or argument without a line."""
+    import argparse
+
+    from agent.cli import _parser as agent_parser
+    from broker.cli import _parser as fleet_parser
+
+    def missing(parser: argparse.ArgumentParser, path: str) -> list[str]:
+        out = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    out += missing(sub, f"{path} {name}")
+            elif not action.help:
+                out.append(f"{path} {action.option_strings or action.dest}")
+        return out
+
+    assert missing(agent_parser(), "edge-agent") + missing(fleet_parser(), "edge-fleet") == []
