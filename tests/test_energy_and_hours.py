@@ -218,6 +218,8 @@ def test_the_cars_counter_follows_the_workers_cpu_time_through_counter_lag():
         ("2026-11-30 19:00", None),  # a window's first minute is inside it
         ("2026-12-04 23:59", None),  # Friday night, inside 19:00-24:00
         ("2026-12-02 12:00", "2026-12-03 01:00"),  # Wednesday allows nothing: Thursday's first
+        ("2026-12-03 01:30", "2026-12-03 03:30"),  # after one window, before the next
+        ("2026-12-03 03:29", "2026-12-03 03:30"),  # the minute before
         ("2026-12-06 18:00", "2026-11-30 00:00"),  # Sunday's gap: Monday at midnight
     ],
 )
@@ -228,7 +230,7 @@ def test_next_window_opening_for_status(now, expected):
         {
             "mon": ["00:00-07:00", "19:00-24:00"],
             "wed": [],
-            "thu": ["01:00-02:00"],
+            "thu": ["01:00-01:10", "03:30-04:00"],
             "fri": ["19:00-24:00"],
             "sun": ["00:00-17:00"],
         }

@@ -64,14 +64,13 @@ class AllowedHours:
         if self.allows(local):
             return None
         minute = local.hour * 60 + local.minute
-        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
         for days_ahead in range(8):
             weekday = (local.weekday() + days_ahead) % 7
             starts = sorted(
-                start for start, end in self.windows[weekday] if days_ahead > 0 or start > minute
+                start for start, _ in self.windows[weekday] if days_ahead > 0 or start > minute
             )
             if starts:
-                day = (midnight + dt.timedelta(days=days_ahead)).date()
+                day = local.date() + dt.timedelta(days=days_ahead)
                 start = starts[0]
                 return dt.datetime.combine(
                     day, dt.time(start // 60, start % 60), tzinfo=local.tzinfo
