@@ -140,6 +140,18 @@ def test_first_good_snapshot_opens_without_hold():
     assert Gate(POLICY).evaluate(inputs(0)).open
 
 
+def test_the_first_decision_is_a_change_open_or_closed():
+    """Nothing was decided before it: a gate that starts closed is reported with its reasons
+    (logged, in the metrics) just like one that starts open; the next same decision is not."""
+    gate = Gate(POLICY)
+    first = gate.evaluate(inputs(0, gear=Gear.DRIVE))
+    assert first.changed and not first.open and first.reasons == (GateReason.NOT_PARKED,)
+    assert not gate.evaluate(inputs(1, gear=Gear.DRIVE)).changed
+    opened = Gate(POLICY)
+    assert opened.evaluate(inputs(0)).changed
+    assert not opened.evaluate(inputs(1)).changed
+
+
 def test_new_day_reopens_after_energy_allowance():
     """The allowance closes the gate; a new day's zero total reopens it (after the hold)."""
     gate = Gate(policy(hold_s=0))

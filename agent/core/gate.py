@@ -128,9 +128,10 @@ class Gate:
         else:
             now_open = True
 
-        decision = GateDecision(
-            open=now_open, reasons=tuple(reasons), changed=now_open != self._open, at=snap.at
-        )
+        # The first decision is a change from not knowing: a gate that starts closed is
+        # reported (logged, in the metrics) like one that closes later.
+        changed = self._last is None or now_open != self._open
+        decision = GateDecision(open=now_open, reasons=tuple(reasons), changed=changed, at=snap.at)
         self._open = now_open
         self._last = decision
         return decision

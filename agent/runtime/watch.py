@@ -65,7 +65,6 @@ class Watch:
         self._hours = config().owner.allowed_hours  # built once; rebuilt on reload
         self.last_snapshot: VehicleSnapshot | None = None
         self._changed = asyncio.Event()  # a pushed change of the car: look now
-        self._first_look = True
 
     def local(self, at: float) -> dt.datetime:
         return dt.datetime.fromtimestamp(at, self._config().owner.zone)
@@ -103,10 +102,7 @@ class Watch:
         metrics.compute_temp.set(snap.compute_temp_c)
         metrics.energy_today.set(self._energy.today_wh)
         self._power.sample(snap)
-        # The first look is reported as a change: a gate that starts closed is logged with
-        # its reasons and set in the metrics, not only a gate that closes later.
-        first, self._first_look = self._first_look, False
-        if decision.changed or first:
+        if decision.changed:
             if not decision.open:  # first: compute stops before anything is logged
                 self._on_close(",".join(r.value for r in decision.reasons))
             if snap.faults:
