@@ -240,7 +240,7 @@ def _render_status(st: dict[str, Any]) -> str:
 def _check_config(path: Path) -> int:
     from agent import doctor
 
-    checks, _ = doctor.offline(path)
+    checks = doctor.for_start(doctor.offline(path)[0])
     bad = doctor.failed(checks)
     print(doctor.render(checks), file=sys.stderr if bad else sys.stdout)
     return ExitCode.CONFIG if bad else ExitCode.OK

@@ -2,7 +2,9 @@
 
 One line per check, OK, WARN or FAIL, each FAIL with the fix. `check-config` (the unit's
 ExecStartPre) runs the offline checks: the schema, the files and their modes, the keys, the
-TLS files, the trust policy and the model pins, everything `run` refuses at start. `doctor`
+TLS files, the trust policy and the model pins; it fails only on what `run` refuses at start
+(`Check.stops_start`) and reports the rest as warnings, so that an expired policy never
+keeps the agent from starting and receiving a fresh one. `doctor`
 adds what needs the outside world: the broker (a TLS handshake and an MQTT CONNECT within a
 timeout), and compares the vehicle key with the public key the fleet registered.
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import aiomqtt
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from agent.assembly import StartupError, check_file_permissions
@@ -46,14 +49,18 @@ class Check:
     name: str
     verdict: Verdict
     detail: str
+    # Whether `run` refuses to start on this failure. check-config (ExecStartPre) fails only
+    # on these: an expired policy, a model left out or a certificate for the wrong name leave
+    # an agent that starts, says so, and can be mended over the wire (a fresh policy).
+    stops_start: bool = True
 
 
 def ok(name: str, detail: str) -> Check:
     return Check(name, Verdict.OK, detail)
 
 
-def fail(name: str, detail: str) -> Check:
-    return Check(name, Verdict.FAIL, detail)
+def fail(name: str, detail: str, *, stops_start: bool = True) -> Check:
+    return Check(name, Verdict.FAIL, detail, stops_start)
 
 
 def warn(name: str, detail: str) -> Check:
@@ -66,6 +73,16 @@ def render(checks: list[Check]) -> str:
 
 def failed(checks: list[Check]) -> bool:
     return any(c.verdict is Verdict.FAIL for c in checks)
+
+
+def for_start(checks: list[Check]) -> list[Check]:
+    """The checks as check-config reports them: a failure `run` starts despite is a warning."""
+    return [
+        c
+        if c.verdict is not Verdict.FAIL or c.stops_start
+        else warn(c.name, f"{c.detail} (the agent starts anyway)")
+        for c in checks
+    ]
 
 
 def _file(name: str, path: Path, what: str, *, secret: bool, fix: str) -> Check:
@@ -122,6 +139,7 @@ def _vehicle_key(cfg: AgentConfig, registered: str | None) -> Iterator[Check]:
                 f"the vehicle key's public key {public} is not the registered {registered.strip()}:"
                 " results would be refused; register this one (edge-fleet register) or restore "
                 "the key that was registered",
+                stops_start=False,
             )
 
 
@@ -159,8 +177,10 @@ def _trust(cfg: AgentConfig, now: float) -> Iterator[Check]:
     if left <= 0:
         yield fail(
             "trust",
-            f"trust policy v{policy.version} expired {-left / DAY_S:.1f} days ago: no job will "
-            "run; install a fresh one from the fleet",
+            f"trust policy v{policy.version} (the installed file) expired "
+            f"{-left / DAY_S:.1f} days ago: no job runs until a fresh one arrives from the "
+            "fleet (over MQTT, or installed here)",
+            stops_start=False,
         )
     elif left < POLICY_WARN_S:
         yield warn(
@@ -177,6 +197,7 @@ def _trust(cfg: AgentConfig, now: float) -> Iterator[Check]:
             f"this clock reads {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(now))} UTC, before "
             f"the trust policy was issued ({time.strftime('%Y-%m-%d %H:%M', time.gmtime(policy.issued_at))}"
             " UTC): set the time (timedatectl set-ntp true)",
+            stops_start=False,
         )
     else:
         yield ok("clock", "not behind the trust policy's issue time")
@@ -230,15 +251,15 @@ def _tls(cfg: AgentConfig, now: float) -> Iterator[Check]:
         )
     try:
         cert.verify_directly_issued_by(ca)
-    except (ValueError, TypeError, Exception) as exc:  # InvalidSignature is an Exception
+    except (ValueError, TypeError, InvalidSignature) as exc:
         problems.append(
             f"the certificate is not issued by the CA in {b.ca_file}: {exc or 'bad signature'}"
         )
-    if key.public_key() != cert.public_key():
-        problems.append(f"the key in {b.key_file} is not the certificate's key")
-    if problems:
-        yield from (fail("tls-identity", p) for p in problems)
-    else:
+    matched = key.public_key() == cert.public_key()
+    if not matched:  # the TLS context cannot load the pair: `run` refuses to start
+        yield fail("tls-identity", f"the key in {b.key_file} is not the certificate's key")
+    yield from (fail("tls-identity", p, stops_start=False) for p in problems)
+    if matched and not problems:
         yield ok(
             "tls-identity",
             f"CN {cn}, issued by the fleet CA, valid until {cert.not_valid_after_utc:%Y-%m-%d}",
@@ -257,7 +278,7 @@ def _models(cfg: AgentConfig) -> Iterator[Check]:
         yield fail("models", str(exc))
         return
     for problem in store.problems:
-        yield fail("models", f"left out: {problem}")
+        yield fail("models", f"left out: {problem}", stops_start=False)
     if store.held:
         yield ok(
             "models", f"{len(store.held)} pinned and matching: {', '.join(sorted(store.held))}"
