@@ -242,34 +242,31 @@ class Link:
         read the same way: two agents (or a copied config) share this vehicle id.
         """
         now = self._clock()
-        if self.connected_at is not None and now - self.connected_at < SHORT_CONNECTION_S:
-            self._short_connections += 1
-        else:
-            self._short_connections = 0
-        taken_over = (
-            self._disconnect_reason == SESSION_TAKEN_OVER
-            or self._short_connections >= SHORT_CONNECTIONS_TAKEN_OVER
-        )
+        short = self.connected_at is not None and now - self.connected_at < SHORT_CONNECTION_S
+        self._short_connections = self._short_connections + 1 if short else 0
+        event = "disconnected"
         if self._disconnect_reason == SESSION_TAKEN_OVER:
-            self._taken_over = True
-            reason = (
-                f"another connection with vehicle id {self.vehicle_id!r} took over this one's "
-                "session: two agents, or a copied config, share this vehicle id; stop the "
-                "other one or give it its own id"
+            event, reason = (
+                "vehicle_id_in_use",
+                (
+                    f"another connection with vehicle id {self.vehicle_id!r} took over this one's "
+                    "session: two agents, or a copied config, share this vehicle id; stop the "
+                    "other one or give it its own id"
+                ),
             )
-            self._rec.log("error", "vehicle_id_in_use", reason=reason)
-        elif taken_over:
-            self._taken_over = True
-            reason = (
-                f"the broker closed the connection right after accepting it, "
-                f"{self._short_connections} times in a row: most often two agents, or a copied "
-                f"config, share this vehicle id ({self.vehicle_id!r}) and take the session "
-                "from each other; if not, the broker's log says why. Retrying every 30 s"
+        elif self._short_connections >= SHORT_CONNECTIONS_TAKEN_OVER:
+            event, reason = (
+                "connection_closed_after_connect",
+                (
+                    f"the broker closed the connection right after accepting it, "
+                    f"{self._short_connections} times in a row: most often two agents, or a copied "
+                    f"config, share this vehicle id ({self.vehicle_id!r}) and take the session "
+                    "from each other; if not, the broker's log says why. Retrying every "
+                    f"{TAKEN_OVER_BACKOFF_S:g} s"
+                ),
             )
-            self._rec.log("error", "connection_closed_after_connect", reason=reason)
-        else:
-            self._taken_over = False
-            self._rec.log("warning", "disconnected", reason=reason)
+        self._taken_over = event != "disconnected"
+        self._rec.log("error" if self._taken_over else "warning", event, reason=reason)
         self.last_error, self.last_error_at = reason, now
 
     @staticmethod
