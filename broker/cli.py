@@ -336,7 +336,12 @@ async def _policy_publish(args: argparse.Namespace) -> int:
         anchors = [("installed", args.installed.read_bytes())] if args.installed else []
         held = await retained_policy(host=args.host, port=args.port, tls=tls)
         if held is not None:
-            anchors.append(("retained on the broker", held))
+            try:
+                load_root_policy(held)
+            except WireError as exc:  # every car refuses it too: it anchors nothing
+                print(f"the retained message is no valid policy ({exc.detail}); replacing it")
+            else:
+                anchors.append(("retained on the broker", held))
         for where, anchor in anchors:
             current = load_root_policy(anchor)
             if current.version == policy.version and anchor == raw:

@@ -141,3 +141,23 @@ def test_every_flag_of_both_commands_has_help_text():
         return out
 
     assert missing(agent_parser(), "edge-agent") + missing(fleet_parser(), "edge-fleet") == []
+
+
+@pytest.mark.broker
+def test_policy_publish_replaces_a_retained_message_that_is_no_policy(tmp_path: Path) -> None:
+    """Garbage retained on the policy topic anchors nothing (every car refuses it): it must
+    not keep the fleet from publishing a good policy over it."""
+    (tmp_path / "v1.json").write_bytes(FleetKeys().policy(version=1))
+    broker = LocalMosquitto(tmp_path / "mq")
+    broker.start()
+    try:
+        asyncio.run(publish_policy(b"{not a policy", host="127.0.0.1", port=broker.port, tls=None))
+        out = fleet(
+            "policy", "publish", "--policy", "v1.json", "--port", str(broker.port), cwd=tmp_path
+        )
+        assert out.returncode == 0, out.stderr
+        assert "no valid policy" in out.stdout
+        held = asyncio.run(retained_policy(host="127.0.0.1", port=broker.port, tls=None))
+        assert held == (tmp_path / "v1.json").read_bytes()
+    finally:
+        broker.stop()
