@@ -190,6 +190,7 @@ class Agent:
             tls=tls,
             clock=clock,
             on_job=intake.job_message,
+            on_hint=intake.hint_message,
             on_policy=intake.policy_message if trust.policy is not None else None,
             on_connect=self._connected,
             status=operator.status_message,

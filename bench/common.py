@@ -34,7 +34,7 @@ from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import make_policy, signed_policy
 from broker.provision import FleetPki
-from broker.queue import JobQueue
+from broker.store.sqlite import JobQueue, SqliteStore
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / "bench" / "cache"
@@ -256,7 +256,7 @@ def fleet_node(
         host="localhost" if pki else "127.0.0.1",
         port=b.port,
         tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
-        queue=queue,
+        store=SqliteStore(queue),
         signing_key=job_key,
         collector=collector,
         lease_tick_s=lease_tick_s,

@@ -64,7 +64,7 @@ from bench.common import (
     worker_pid,
     write_result,
 )
-from broker.queue import JobTemplate
+from broker.store.jobs import JobTemplate
 from tests.hostile_broker import HostileBroker  # the test double the adversarial tests use
 
 VID = "hard-car"

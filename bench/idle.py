@@ -54,7 +54,7 @@ from bench.common import (
 )
 from broker.fleet import FleetNode
 from broker.provision import provision
-from broker.queue import JobTemplate
+from broker.store.jobs import JobTemplate
 
 VID = "idle-car"
 WORK_S = 15.0  # the "after work" car charges this long, then drives off

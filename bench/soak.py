@@ -44,7 +44,7 @@ from bench.common import (
     worker_pid,
     write_result,
 )
-from broker.queue import JobTemplate
+from broker.store.jobs import JobTemplate
 
 VID = "soak-car"
 

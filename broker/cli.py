@@ -21,8 +21,16 @@ edge-fleet provision --dir DIR [--vehicle ID ...] [--host NAME ...]
                                       the fleet CA, broker and fleet-tool certificates
                                       (first run), and a certificate per vehicle
 edge-fleet serve --queue DB --job-key PATH --requester-key PATH --registry PATH
-                 [--host H --port P --pki DIR]
-                                      the dispatcher and collector (mutual TLS with --pki)
+                 [--host H --port P --pki DIR] [--node NAME] [--metrics-port P]
+                                      the dispatcher and collector (mutual TLS with --pki);
+                                      several, each its own --node, share a PostgreSQL queue
+edge-fleet queue --queue DB           jobs by state, the oldest lease, the parked cars
+edge-fleet vehicles [--host H --port P --pki DIR]
+                                      every car's retained status: connected, gate, policy
+edge-fleet simulate --vehicles N --registry PATH ...
+                                      N virtual cars on the real wire (load tests)
+
+DB is a SQLite file or a postgresql:// URL.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from agent.wire.keys import (
     public_b64,
 )
 from agent.wire.topics import check_vehicle_id
-from broker import commands
+from broker import commands, operate
 from broker.shipped import MODELS
 
 
@@ -93,7 +101,9 @@ def _parser() -> argparse.ArgumentParser:
         help="the address to listen on (default 127.0.0.1; plaintext stays on loopback)",
     )
     jb = sub.add_parser("jobs", help="the queue's jobs by state, as JSON")
-    jb.add_argument("--queue", type=Path, required=True, help="the queue database")
+    jb.add_argument(
+        "--queue", required=True, help="the queue: a SQLite file, or a postgresql:// URL"
+    )
     jb.add_argument(
         "--wait-done",
         type=_positive_float,
@@ -181,7 +191,9 @@ def _parser() -> argparse.ArgumentParser:
         "--public-key", required=True, metavar="B64", help="from `edge-agent pubkey` on the car"
     )
     sb = sub.add_parser("submit", help="queue digit jobs")
-    sb.add_argument("--queue", type=Path, required=True, help="the queue database (made if absent)")
+    sb.add_argument(
+        "--queue", required=True, help="a SQLite file (made if absent) or a postgresql:// URL"
+    )
     sb.add_argument(
         "--requester-key", type=Path, required=True, help="whose key the results are sealed to"
     )
@@ -216,7 +228,9 @@ def _parser() -> argparse.ArgumentParser:
         help="a name or address the broker's certificate must carry",
     )
     sv = sub.add_parser("serve", help="run the dispatcher and collector")
-    sv.add_argument("--queue", type=Path, required=True, help="the queue database")
+    sv.add_argument(
+        "--queue", required=True, help="the queue: a SQLite file, or a postgresql:// URL"
+    )
     sv.add_argument("--job-key", type=Path, required=True, help="signs the jobs handed out")
     sv.add_argument("--requester-key", type=Path, required=True, help="opens the sealed results")
     sv.add_argument(
@@ -245,6 +259,8 @@ def _parser() -> argparse.ArgumentParser:
         help="the folder from `edge-fleet provision`: connect with mutual TLS as the "
         "fleet-dispatcher identity (without it: plaintext, loopback brokers only)",
     )
+    operate.add_serve_options(sv)
+    operate.add_commands(sub)
     return p
 
 
@@ -456,9 +472,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "register":
             return _register(args)
         if args.command == "jobs":
-            return commands.jobs(args)
+            return asyncio.run(commands.jobs(args))
         if args.command == "submit":
-            return commands.submit(args)
+            return asyncio.run(commands.submit(args))
+        if args.command in operate.COMMANDS:
+            return operate.run(args)
         if args.command == "provision":
             return _provision(args)
         if args.command == "serve":

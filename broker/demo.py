@@ -36,8 +36,9 @@ from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
 from broker.policy import DAY_S, make_policy, publish_policy, signed_policy
 from broker.provision import FleetPki, provision
-from broker.queue import JobQueue, JobTemplate
 from broker.shipped import MODELS, SCENARIOS
+from broker.store.jobs import JobTemplate
+from broker.store.sqlite import JobQueue, SqliteStore
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ def run_demo(
             host="localhost" if pki else broker.host,
             tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
             port=broker.port,
-            queue=queue,
+            store=SqliteStore(queue),
             signing_key=job_key,
             collector=collector,
         )

@@ -1,5 +1,12 @@
 """The fleet node: the dispatcher and the collector on one MQTT connection.
 
+Several nodes may share one job store (PostgreSQL) and split the vehicles' messages
+through an MQTT 5 shared subscription (`$share/<group>/...`): each work request, event
+and result goes to one node of the group. Each node also reads every status (not
+shared) to see the whole fleet. A node's session is persistent (clean start off, a
+session expiry): while it is away the broker keeps what the vehicles send for it, and
+hands it over when it is back.
+
 It answers each vehicle's work requests on that vehicle's own jobs topic with
 jobs bound to it and signed by the fleet's job-signing key, returns jobs to the
 queue when a vehicle hands them back or goes offline or a lease runs out, and
@@ -18,23 +25,50 @@ from collections.abc import Callable
 
 import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.kit.backoff import ReconnectBackoff
 from agent.kit.logs import get_logger
 from agent.kit.mqtt import NO_DELAY, publish_acked
 from agent.wire import envelope
-from agent.wire.bundle import sign_job_bundle
+from agent.wire.bundle import encode_result_body, sign_job_bundle
 from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
+from agent.wire.hints import HintKind, WorkHint, sign_hint
 from agent.wire.keys import key_id
 from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, WorkRequest
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
-from broker.queue import JobQueue, Lease, counts_as_failure
+from broker.metrics import FleetMetrics
+from broker.store import JobStore
+from broker.store.jobs import Lease, counts_as_failure
 
 MAX_MESSAGE_BYTES = 64 * 1024
 _HAND_BACK = {EventKind.RELEASED, EventKind.PREEMPTED, EventKind.REJECTED, EventKind.FAILED}
 _STILL_HELD = {EventKind.ACCEPTED, EventKind.RUNNING, EventKind.HEARTBEAT}
+_SHARED = (Channel.WORK, Channel.EVENTS, Channel.RESULTS, Channel.STATUS)
+HINT_LIFETIME_S = 60.0
+
+
+SHARED_ID, VIEW_ID = 1, 2
+
+
+def _subscription_id(n: int) -> Properties:
+    props = Properties(PacketTypes.SUBSCRIBE)  # type: ignore[no-untyped-call]
+    props.SubscriptionIdentifier = n
+    return props
+
+
+def _subscription_ids(message: aiomqtt.Message) -> list[int]:
+    """Which of this node's subscriptions a message came through (MQTT 5); [] if unsaid."""
+    ids = getattr(message.properties, "SubscriptionIdentifier", None)
+    return list(ids) if isinstance(ids, list) else [] if ids is None else [int(ids)]
+
+
+def shared(group: str, channel: Channel) -> str:
+    """The shared-subscription filter of one channel: one node of `group` gets each message."""
+    return f"$share/{group}/{all_vehicles(channel)}"
 
 
 class FleetNode:
@@ -43,7 +77,7 @@ class FleetNode:
         *,
         host: str,
         port: int,
-        queue: JobQueue,
+        store: JobStore,
         signing_key: Ed25519PrivateKey,
         collector: Collector,
         clock: Callable[[], float] = time.time,
@@ -51,60 +85,81 @@ class FleetNode:
         on_result: Callable[[Collected], None] | None = None,
         tls: ssl.SSLContext | None = None,
         bundle_from_bytes: int = 64 * 1024,
+        node: str = "main",
+        group: str = "fleet",
+        session_expiry_s: int = 3600,
+        idle_retry_s: float = 600.0,
+        wake_tick_s: float = 0.5,
+        metrics: FleetMetrics | None = None,
     ) -> None:
         self._tls = tls
         self._bundle_from_bytes = bundle_from_bytes  # jobs with this much input go as bundles
         self.host, self.port = host, port
-        self.queue = queue
+        self.store = store
         self.collector = collector
         self._key = signing_key
         self._issuer = key_id(signing_key.public_key())
         self._clock = clock
         self._lease_tick_s = lease_tick_s
         self._on_result = on_result
-        self._log = get_logger(component="fleet")
+        self.node, self.group = node, group
+        self._session_expiry_s = session_expiry_s
+        self.idle_retry_s = idle_retry_s  # what a car told "no work" waits before asking again
+        self._wake_tick_s = wake_tick_s
+        self.metrics = metrics or FleetMetrics(registry=None)
+        self._log = get_logger(component="fleet", node=node)
         self.ready = asyncio.Event()
         self.online: dict[str, bool] = {}
         self.status: dict[str, VehicleStatus] = {}
+        self.last_seen: dict[str, float] = {}
         self.events: dict[str, Counter[str]] = defaultdict(Counter)
         self.work_requests: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
+        self.hints: Counter[str] = Counter()
         self.reconnects = 0
+
+    def _client(self) -> aiomqtt.Client:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = self._session_expiry_s
+        return aiomqtt.Client(
+            self.host,
+            self.port,
+            identifier=f"fleet-{self._issuer}-{self.node}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            clean_start=self._session_expiry_s == 0,
+            properties=props,
+            max_queued_incoming_messages=100_000,
+            socket_options=NO_DELAY,
+            tls_context=self._tls,
+        )
 
     async def run(self) -> None:
         """Serve until cancelled, reconnecting (capped backoff, full jitter) when the broker goes."""
         backoff = ReconnectBackoff(base_s=0.2, cap_s=5.0, healthy_after_s=30.0)
         while True:
             try:
-                async with aiomqtt.Client(
-                    self.host,
-                    self.port,
-                    identifier=f"fleet-{self._issuer}",
-                    protocol=aiomqtt.ProtocolVersion.V5,
-                    max_queued_incoming_messages=10_000,
-                    socket_options=NO_DELAY,
-                    tls_context=self._tls,
-                ) as client:
-                    # One SUBSCRIBE for all four: a result published the moment this connection
-                    # is back is not missed between separate subscriptions.
+                async with self._client() as client:
+                    # One SUBSCRIBE for all the work: a result published the moment this
+                    # connection is back is not missed between separate subscriptions.
+                    # Statuses twice, told apart by subscription identifier: shared (one
+                    # node acts on a car going offline) and whole (this node's view).
                     await client.subscribe(
-                        [
-                            (all_vehicles(channel), 1)
-                            for channel in (
-                                Channel.RESULTS,
-                                Channel.EVENTS,
-                                Channel.STATUS,
-                                Channel.WORK,
-                            )
-                        ]
+                        [(shared(self.group, channel), 1) for channel in _SHARED],
+                        properties=_subscription_id(SHARED_ID),
+                    )
+                    await client.subscribe(
+                        all_vehicles(Channel.STATUS), 1, properties=_subscription_id(VIEW_ID)
                     )
                     self.ready.set()
+                    self.metrics.connected.set(1)
                     backoff.connected(time.monotonic())
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client), name="fleet-receiver")
                         tg.create_task(self._expire_leases(), name="lease-expiry")
+                        tg.create_task(self._wake_parked(client), name="parked-waker")
             except* aiomqtt.MqttError as group:
                 self.ready.clear()
+                self.metrics.connected.set(0)
                 self.reconnects += 1
                 self._log.warning("fleet_disconnected", reason=str(group.exceptions[0]))
             await asyncio.sleep(backoff.next_delay(time.monotonic()))
@@ -112,9 +167,33 @@ class FleetNode:
     async def _expire_leases(self) -> None:
         while True:
             await asyncio.sleep(self._lease_tick_s)
-            n = self.queue.expire_leases(self._clock())
+            n = await self.store.expire_leases(self._clock())
             if n:
+                self.metrics.leases_ended.labels(reason="lease_expired").inc(n)
                 self._log.info("leases_expired", count=n)
+            summary = await self.store.summary()
+            self.metrics.observe_queue(summary, self._clock())
+            self.metrics.observe_vehicles(self.status.values())
+
+    async def _wake_parked(self, client: aiomqtt.Client) -> None:
+        """Tell parked cars (told 'no work') that work for a model they hold is queued."""
+        while True:
+            await asyncio.sleep(self._wake_tick_s)
+            for vehicle_id in await self.store.wake(1000, self._clock()):
+                await self._hint(client, vehicle_id, HintKind.WORK_AVAILABLE)
+
+    async def _hint(self, client: aiomqtt.Client, vehicle_id: str, kind: HintKind) -> None:
+        now = self._clock()
+        hint = WorkHint(
+            vehicle_id=vehicle_id,
+            kind=kind,
+            retry_after_s=self.idle_retry_s if kind is HintKind.NO_WORK else 0.0,
+            issued_at=now,
+            expires_at=now + HINT_LIFETIME_S,
+        )
+        self.hints[kind.value] += 1
+        self.metrics.hints.labels(kind=kind.value).inc()
+        await publish_acked(client, topic(vehicle_id, Channel.JOBS), sign_hint(hint, self._key))
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
@@ -123,10 +202,16 @@ class FleetNode:
             if where is None or not isinstance(payload, bytes):
                 continue
             vehicle_id, channel = where
+            self.last_seen[vehicle_id] = self._clock()
+            ids = _subscription_ids(message)
             try:
-                await self._dispatch(client, vehicle_id, channel, payload)
+                if channel is Channel.STATUS and (VIEW_ID in ids or not ids):
+                    self._view_status(vehicle_id, payload)
+                if channel is not Channel.STATUS or SHARED_ID in ids or not ids:
+                    await self._dispatch(client, vehicle_id, channel, payload)
             except WireError as err:
                 self.refused[f"{channel.value}:{err.reason.value}"] += 1
+                self.metrics.refused.labels(channel=channel.value, reason=err.reason.value).inc()
                 self._log.warning(
                     "message_refused",
                     vehicle_id=vehicle_id,
@@ -143,11 +228,11 @@ class FleetNode:
         if channel is Channel.WORK:
             await self._on_work(client, vehicle_id, payload)
         elif channel is Channel.EVENTS:
-            self._on_event(vehicle_id, payload)
+            await self._on_event(vehicle_id, payload)
         elif channel is Channel.STATUS:
-            self._on_status(vehicle_id, payload)
+            await self._on_status(vehicle_id, payload)
         elif channel is Channel.RESULTS:
-            self._on_result_message(vehicle_id, payload)
+            await self._on_result_message(vehicle_id, payload)
 
     async def _on_work(self, client: aiomqtt.Client, vehicle_id: str, raw: bytes) -> None:
         request = parse_model(
@@ -156,16 +241,21 @@ class FleetNode:
         if request.vehicle_id != vehicle_id:
             raise WireError(Reason.WRONG_VEHICLE, f"request names {request.vehicle_id}")
         self.work_requests[vehicle_id] += 1
+        self.metrics.work_requests.inc()
         now = self._clock()
-        leases = self.queue.lease(
-            vehicle_id, request.capacity, {m.sha256 for m in request.models}, now
-        )
+        models = {m.sha256 for m in request.models}
+        leases = await self.store.lease(vehicle_id, request.capacity, models, now)
         for lease in leases:
             signed, digest = self.sign_job(lease, vehicle_id, now)
-            self.queue.record_assignment(lease.job_id, lease.attempt, vehicle_id, digest, now)
+            await self.store.record_assignment(lease.job_id, lease.attempt, vehicle_id, digest, now)
             await publish_acked(client, topic(vehicle_id, Channel.JOBS), signed)
         if leases:
+            self.metrics.leases.inc(len(leases))
             self._log.info("jobs_assigned", vehicle_id=vehicle_id, count=len(leases))
+        elif self.idle_retry_s > 0:
+            # Nothing for it now: it waits quietly until woken (agent/wire/hints.py).
+            await self.store.park(vehicle_id, models, now)
+            await self._hint(client, vehicle_id, HintKind.NO_WORK)
 
     def sign_job(self, lease: Lease, vehicle_id: str, now: float) -> tuple[bytes, str]:
         t = lease.template
@@ -190,16 +280,16 @@ class FleetNode:
             envelope.digest_of(envelope.JOB_TYPE, payload),
         )
 
-    def _on_event(self, vehicle_id: str, raw: bytes) -> None:
+    async def _on_event(self, vehicle_id: str, raw: bytes) -> None:
         event = parse_model(raw, JobEvent, what="job event", reason=Reason.MALFORMED_PAYLOAD)
         if event.vehicle_id != vehicle_id:
             raise WireError(Reason.WRONG_VEHICLE, f"event names {event.vehicle_id}")
         self.events[vehicle_id][event.kind.value] += 1
         if event.kind in _STILL_HELD and event.job_id is not None and event.attempt is not None:
-            self.queue.extend_lease(event.job_id, event.attempt, vehicle_id, self._clock())
+            await self.store.extend_lease(event.job_id, event.attempt, vehicle_id, self._clock())
         if event.kind in _HAND_BACK and event.job_id is not None and event.attempt is not None:
             reason = event.reason or event.kind.value
-            self.queue.hand_back(
+            ended = await self.store.hand_back(
                 event.job_id,
                 event.attempt,
                 vehicle_id,
@@ -207,23 +297,48 @@ class FleetNode:
                 self._clock(),
                 failure=counts_as_failure(event.kind.value, reason),
             )
+            if ended:
+                self.metrics.leases_ended.labels(reason=event.kind.value).inc(ended)
 
-    def _on_status(self, vehicle_id: str, raw: bytes) -> None:
-        if not raw:  # a cleared retained message
-            return
+    def _parse_status(self, vehicle_id: str, raw: bytes) -> VehicleStatus:
         status = parse_model(raw, VehicleStatus, what="status", reason=Reason.MALFORMED_PAYLOAD)
         if status.vehicle_id != vehicle_id:
             raise WireError(Reason.WRONG_VEHICLE, f"status names {status.vehicle_id}")
+        return status
+
+    def _view_status(self, vehicle_id: str, raw: bytes) -> None:
+        if not raw:  # a cleared retained message
+            return
+        status = self._parse_status(vehicle_id, raw)
         self.status[vehicle_id] = status
-        was_online = self.online.get(vehicle_id)
         self.online[vehicle_id] = status.online
-        if not status.online and was_online is not False:
-            n = self.queue.vehicle_offline(vehicle_id, self._clock())
+
+    async def _on_status(self, vehicle_id: str, raw: bytes) -> None:
+        """The shared copy: the one node that gets it returns an offline car's jobs."""
+        if not raw:
+            return
+        status = self._parse_status(vehicle_id, raw)
+        if not status.online:
+            n = await self.store.vehicle_offline(vehicle_id, self._clock())
+            if n:
+                self.metrics.leases_ended.labels(reason="vehicle_offline").inc(n)
             self._log.info("vehicle_offline", vehicle_id=vehicle_id, requeued=n)
 
-    def _on_result_message(self, vehicle_id: str, raw: bytes) -> None:
-        collected = self.collector.accept(vehicle_id, raw)
-        if not collected.duplicate:
-            self.queue.complete(collected.body.job_id, self._clock())
+    async def _on_result_message(self, vehicle_id: str, raw: bytes) -> None:
+        collector = self.collector
+        try:
+            sealed = collector.verify(vehicle_id, raw)
+            digest = await self.store.assignment_digest(sealed.job_id, sealed.attempt, vehicle_id)
+            body = collector.open(sealed, digest)
+        except WireError as err:
+            collector.rejected_for(err)
+            raise
+        first = await self.store.complete(
+            body.job_id, body.attempt, vehicle_id, encode_result_body(body), self._clock()
+        )
+        collected = collector.record(body, vehicle_id, duplicate=not first)
+        self.metrics.results.labels(
+            outcome="duplicate" if collected.duplicate else "accepted"
+        ).inc()
         if self._on_result is not None:
             self._on_result(collected)

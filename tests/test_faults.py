@@ -16,7 +16,8 @@ from agent.state.jobs import JobStore
 from broker.collector import Collector
 from broker.fleet import FleetNode
 from broker.local import LocalMosquitto
-from broker.queue import JobQueue, JobTemplate
+from broker.store.jobs import JobTemplate
+from broker.store.sqlite import JobQueue, SqliteStore
 from tests.support import (
     BURN_REF,
     job_spec,
@@ -70,7 +71,7 @@ async def _fleet(port: int, fleet, files, tmp_path, jobs: int, rows: int):
     node = FleetNode(
         host="127.0.0.1",
         port=port,
-        queue=queue,
+        store=SqliteStore(queue),
         signing_key=fleet.job_key,
         collector=collector,
         lease_tick_s=0.2,

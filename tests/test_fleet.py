@@ -23,7 +23,8 @@ from agent.wire.sealing import result_info, seal
 from agent.wire.tensors import Tensor
 from broker.collector import Collector
 from broker.fleet import FleetNode
-from broker.queue import JobQueue, JobTemplate, counts_as_failure
+from broker.store.jobs import JobTemplate, counts_as_failure
+from broker.store.sqlite import JobQueue, SqliteStore
 from tests.support import DIGITS_REF, FleetKeys, holdout, running_agent, wait_for, write_vehicle
 
 
@@ -37,37 +38,6 @@ def template(requester: X25519PrivateKey, row: int = 0) -> JobTemplate:
         requester_key=raw_public(requester.public_key()),
         lifetime_s=60,
     )
-
-
-@pytest.fixture
-def queue(tmp_path):
-    q = JobQueue(tmp_path / "q.db", lease_s=10, max_attempts=2)
-    yield q
-    q.close()
-
-
-def test_queue_leases_oldest_first_only_for_held_models(queue):
-    """Leases go oldest first, up to capacity, and only for models the vehicle holds."""
-    req = X25519PrivateKey.generate()
-    ids = [queue.submit(template(req), now=float(i)) for i in range(3)]
-    assert queue.lease("v1", 5, {"0" * 64}, now=10) == []
-    leases = queue.lease("v1", 2, {DIGITS_REF.sha256}, now=10)
-    assert [(lease.job_id, lease.attempt) for lease in leases] == [(ids[0], 1), (ids[1], 1)]
-    assert queue.counts() == {"leased": 2, "queued": 1}
-
-
-def test_queue_requeues_on_hand_back_expiry_and_offline_then_fails_after_max_attempts(queue):
-    """A job comes back on release, lease expiry or vehicle offline, and fails after max_attempts."""
-    req = X25519PrivateKey.generate()
-    job = queue.submit(template(req), now=0)
-    queue.lease("v1", 1, {DIGITS_REF.sha256}, now=1)
-    assert queue.hand_back(job, 1, "v2", "released", now=2) == 0, "only the lessee may hand back"
-    assert queue.hand_back(job, 1, "v1", "gate_closed", now=2) == 1
-    assert queue.state_of(job) == ("queued", 1, "gate_closed")
-    queue.lease("v1", 1, {DIGITS_REF.sha256}, now=3)
-    assert queue.expire_leases(now=12) == 0
-    assert queue.expire_leases(now=14) == 1
-    assert queue.state_of(job) == ("failed", 2, "lease_expired")
 
 
 @pytest.mark.parametrize(
@@ -91,68 +61,11 @@ def test_only_the_job_failing_counts_against_it(kind, reason, failure):
     assert counts_as_failure(kind, reason) is failure
 
 
-def test_preemptions_never_use_up_a_job_only_its_expiry_ends_it(tmp_path):
-    """Fifty preemptions in a row leave the job queued with no failure counted, each lease a new
-    attempt number; once the job's own expiry passes, the next hand-back fails it as expired."""
-    q = JobQueue(tmp_path / "q.db", lease_s=10, max_attempts=3)
-    job = q.submit(template(X25519PrivateKey.generate()), now=0, expires_in_s=100)
-    for i in range(50):
-        (lease,) = q.lease("v1", 1, {DIGITS_REF.sha256}, now=1 + i)
-        assert lease.attempt == i + 1 and lease.expires_at == 100
-        q.hand_back(job, lease.attempt, "v1", "not_parked", 1.5 + i, failure=False)
-    assert q.state_of(job) == ("queued", 50, "not_parked")
-    assert q.failures_of(job) == 0
-    (lease,) = q.lease("v1", 1, {DIGITS_REF.sha256}, now=99)
-    q.hand_back(job, lease.attempt, "v1", "not_parked", 101, failure=False)
-    assert q.state_of(job) == ("failed", 51, "expired")
-    q.close()
-
-
-def test_a_queued_job_past_its_expiry_is_failed_not_leased(tmp_path):
-    """A job nobody leased before its expiry fails as expired and is never handed out."""
-    q = JobQueue(tmp_path / "q.db")
-    job = q.submit(template(X25519PrivateKey.generate()), now=0, expires_in_s=5)
-    assert q.lease("v1", 1, {DIGITS_REF.sha256}, now=6) == []
-    assert q.state_of(job) == ("failed", 0, "expired")
-    with pytest.raises(ValueError, match="positive"):
-        q.submit(template(X25519PrivateKey.generate()), now=0, expires_in_s=0)
-    q.close()
-
-
-def test_failures_of_the_job_itself_fail_it_after_max_attempts(tmp_path):
-    """Failed attempts count, interleaved preemptions do not: the third failure ends the job."""
-    q = JobQueue(tmp_path / "q.db", max_attempts=3)
-    job = q.submit(template(X25519PrivateKey.generate()), now=0)
-    outcomes = ["worker_crashed", "not_parked", "worker_crashed", "gate_closed", "worker_crashed"]
-    for t, reason in enumerate(outcomes):
-        (lease,) = q.lease("v1", 1, {DIGITS_REF.sha256}, now=t)
-        q.hand_back(job, lease.attempt, "v1", reason, t + 0.5, failure=reason == "worker_crashed")
-    assert q.state_of(job) == ("failed", 5, "worker_crashed")
-    assert q.failures_of(job) == 3
-    q.close()
-
-
 def test_a_low_order_requester_key_cannot_be_submitted():
     """The fleet refuses a job whose results could never be sealed (all-zero X25519 key)."""
     good = template(X25519PrivateKey.generate())
     with pytest.raises(ValueError, match="low-order"):
         JobTemplate(**{**good.model_dump(), "requester_key": bytes(32)})
-
-
-def test_queue_vehicle_offline_returns_its_jobs(queue):
-    """When a vehicle goes offline, its leased jobs return to the queue."""
-    req = X25519PrivateKey.generate()
-    job = queue.submit(template(req), now=0)
-    queue.lease("v1", 1, {DIGITS_REF.sha256}, now=1)
-    assert queue.vehicle_offline("v1", now=2) == 1
-    assert queue.state_of(job)[0] == "queued"
-
-
-def test_complete_is_idempotent(queue):
-    """The first result completes a job; a second one reports it was already done."""
-    job = queue.submit(template(X25519PrivateKey.generate()), now=0)
-    assert queue.complete(job, now=1) is True
-    assert queue.complete(job, now=2) is False
 
 
 class _Sent:
@@ -289,7 +202,7 @@ async def test_dispatch_to_three_vehicles_only_the_eligible_one_runs(mosquitto, 
     node = FleetNode(
         host="127.0.0.1",
         port=mosquitto.port,
-        queue=q,
+        store=SqliteStore(q),
         signing_key=fleet.job_key,
         collector=collector,
         lease_tick_s=0.2,
@@ -322,13 +235,13 @@ def test_the_dispatcher_sends_large_inputs_as_a_bundle(tmp_path):
     JSON envelopes; both verify to the job the fleet meant, bound to the digest it records."""
     from agent.wire.bundle import is_bundle, verify_job_bundle
     from agent.wire.keys import KeyRing
-    from broker.queue import Lease
+    from broker.store.jobs import Lease
 
     fleet = FleetKeys()
     node = FleetNode(
         host="127.0.0.1",
         port=1,
-        queue=JobQueue(tmp_path / "q.db"),
+        store=SqliteStore(JobQueue(tmp_path / "q.db")),
         signing_key=fleet.job_key,
         collector=_Sent().collector(),
     )

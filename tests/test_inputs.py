@@ -27,7 +27,7 @@ from agent.kit.keyfiles import KeyFileError, load_key_ring, load_requester_key, 
 from agent.runtime.control import _handle
 from broker.collector import Collector
 from broker.fleet import FleetNode
-from broker.queue import JobQueue
+from broker.store.sqlite import JobQueue, SqliteStore
 from tests.support import MODELS, wait_for
 
 
@@ -233,7 +233,7 @@ async def test_fleet_node_refuses_garbage_and_keeps_serving(mosquitto, fleet, tm
     node = FleetNode(
         host="127.0.0.1",
         port=mosquitto.port,
-        queue=queue,
+        store=SqliteStore(queue),
         signing_key=fleet.job_key,
         collector=Collector(vehicles={}, requester_key=fleet.requester, digest_for=lambda *a: None),
     )

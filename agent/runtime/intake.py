@@ -28,6 +28,7 @@ from agent.runtime.journal import Journal
 from agent.runtime.record import Recorder
 from agent.state.jobs import JobStore
 from agent.wire.errors import Reason, WireError
+from agent.wire.hints import WorkHint, verify_hint
 from agent.wire.messages import EventKind
 
 PRUNE_EVERY_S = 600.0
@@ -106,6 +107,28 @@ class Intake:
             accepted_issuers=frozenset(owner.accepted_issuers),
             accepted_classes=frozenset(owner.accepted_job_classes),
         )
+
+    def hint_message(self, raw: bytes) -> WorkHint | None:
+        """A work hint from the fleet, verified like a job's signature; None (counted, logged)
+        if it is not one this vehicle should heed."""
+        config = self._config()
+        try:
+            return verify_hint(
+                raw,
+                trusted=self.trust.ring,
+                vehicle_id=config.vehicle.id,
+                now=self.trusted_now(),
+                max_skew_s=config.agent.max_clock_skew_s,
+            )
+        except WireError as err:
+            self._rec.note(
+                "hints_refused",
+                "work_hint_refused",
+                "warning",
+                reason=err.reason.value,
+                detail=err.detail,
+            )
+            return None
 
     async def job_message(self, raw: bytes) -> None:
         """One job message: decide, record, act. Never raises for a message's sake."""

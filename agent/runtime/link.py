@@ -38,6 +38,7 @@ from agent.kit.mqtt import (
 from agent.runtime.outbox import Outbox
 from agent.runtime.record import Recorder
 from agent.wire.codec import dump_model
+from agent.wire.hints import HintKind, WorkHint, is_hint
 from agent.wire.messages import EventKind, JobEvent, ModelHeld, VehicleStatus, WorkRequest
 from agent.wire.topics import POLICY_TOPIC, Channel, topic
 
@@ -50,6 +51,8 @@ HEALTHY_AFTER_S = 30.0
 TAKEN_OVER_BACKOFF_S = 30.0
 SHORT_CONNECTION_S = 5.0
 SHORT_CONNECTIONS_TAKEN_OVER = 3
+# The longest a 'no work' hint keeps this car from asking: a lost 'work available' costs no more.
+MAX_QUIET_S = 900.0
 
 Key = tuple[str, int]
 
@@ -80,6 +83,7 @@ class Link:
         tls: ssl.SSLContext | None,
         clock: Callable[[], float],
         on_job: Callable[[bytes], Awaitable[None]],
+        on_hint: Callable[[bytes], WorkHint | None],
         on_policy: Callable[[bytes], Awaitable[None]] | None,
         on_connect: Callable[[], Awaitable[None]],
         status: Callable[[bool], VehicleStatus],
@@ -96,6 +100,7 @@ class Link:
         self._tls = tls
         self._clock = clock
         self._on_job = on_job
+        self._on_hint = on_hint
         self._on_policy = on_policy
         self._on_connect = on_connect
         self._status = status
@@ -110,6 +115,8 @@ class Link:
         self._wake_requester = asyncio.Event()
         self._outstanding = 0  # jobs asked for and not yet arrived
         self._request_id = 0
+        # Told 'no work' by the fleet: no asking before this (monotonic), unless woken.
+        self.quiet_until = 0.0
         # For `edge-agent status`: since when connected, and the last failure and when.
         self.connected_at: float | None = None
         self.last_error: str | None = None
@@ -334,7 +341,6 @@ class Link:
 
     async def _request_work(self, client: aiomqtt.Client) -> None:
         while True:
-            interval = self._config().agent.work_request_interval_s
             self._wake_requester.clear()
             free = self._capacity - self._busy_slots() - self._outstanding
             # Ask as soon as a slot frees: a request costs ~200 bytes and keeps the queue full.
@@ -353,11 +359,35 @@ class Link:
                 await publish_acked(
                     client, topic(self.vehicle_id, Channel.WORK), dump_model(request)
                 )
+            await self._until_asking()
+
+    async def _until_asking(self) -> None:
+        """Wait until something changed here (a job came, a slot freed, the gate moved, the
+        fleet said there is work), or the interval passed and the fleet did not say 'no work'
+        for longer (see agent/wire/hints.py)."""
+        deadline = time.monotonic() + self._config().agent.work_request_interval_s
+        while True:
+            wait = max(deadline, self.quiet_until) - time.monotonic()
+            if wait <= 0:
+                self._outstanding = 0  # whatever was not sent by now is not coming
+                return
             try:
-                async with asyncio.timeout(interval):
+                async with asyncio.timeout(wait):
                     await self._wake_requester.wait()
             except TimeoutError:
-                self._outstanding = 0  # whatever was not sent by now is not coming
+                continue  # a 'no work' hint may have arrived meanwhile: look again
+            self.quiet_until = 0.0
+            return
+
+    def _hinted(self, hint: WorkHint) -> None:
+        if hint.kind is HintKind.NO_WORK:
+            self._outstanding = 0
+            quiet_s = min(hint.retry_after_s, MAX_QUIET_S)
+            self.quiet_until = time.monotonic() + quiet_s
+            self._rec.note("work_hints", "no_work", "debug", quiet_s=quiet_s)
+        else:
+            self._rec.note("work_hints", "work_available", "debug")
+            self._wake_requester.set()
 
     async def _heartbeat(self, client: aiomqtt.Client) -> None:
         """Tell the dispatcher every heartbeat_s which jobs this vehicle still holds."""
@@ -384,6 +414,11 @@ class Link:
             if message.topic.matches(POLICY_TOPIC):
                 if self._on_policy is not None:
                     await self._on_policy(raw)
+                continue
+            if is_hint(raw):
+                hint = self._on_hint(raw)
+                if hint is not None:
+                    self._hinted(hint)
                 continue
             self._outstanding = max(0, self._outstanding - 1)
             await self._on_job(raw)

@@ -295,7 +295,8 @@ async def test_a_broker_outage_mid_job_loses_no_result(pki, fleet, tmp_path):
     job runs again. Either way, one result.)"""
     from broker.collector import Collector
     from broker.fleet import FleetNode
-    from broker.queue import JobQueue, JobTemplate
+    from broker.store.jobs import JobTemplate
+    from broker.store.sqlite import JobQueue, SqliteStore
 
     broker = LocalMosquitto(tmp_path / "mq1", pki=pki)
     broker.start()
@@ -310,7 +311,7 @@ async def test_a_broker_outage_mid_job_loses_no_result(pki, fleet, tmp_path):
     node = FleetNode(
         host="localhost",
         port=port,
-        queue=queue,
+        store=SqliteStore(queue),
         signing_key=fleet.job_key,
         collector=collector,
         tls=_tls(pki, "fleet"),

@@ -1,0 +1,228 @@
+"""`edge-fleet` commands for running a fleet at scale: serve's replica options, `queue`,
+`vehicles` and `simulate`. (The rest of the command line is broker/cli.py.)"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+from agent.kit.exitcodes import ExitCode
+from broker.shipped import SCENARIOS
+
+COMMANDS = ("queue", "vehicles", "simulate")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _broker_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8883, help="(default 8883)")
+    p.add_argument(
+        "--pki",
+        type=Path,
+        help="the folder from `edge-fleet provision` (mutual TLS); without it: plaintext, "
+        "loopback brokers only",
+    )
+
+
+def add_serve_options(sv: argparse.ArgumentParser) -> None:
+    sv.add_argument(
+        "--node",
+        default="main",
+        metavar="NAME",
+        help="this node's name among replicas sharing the queue (its MQTT client id is "
+        "fleet-<job key id>-NAME; default main)",
+    )
+    sv.add_argument(
+        "--group",
+        default="fleet",
+        help="the MQTT 5 shared-subscription group the replicas split the work in (default fleet)",
+    )
+    sv.add_argument(
+        "--session-expiry",
+        type=int,
+        default=3600,
+        metavar="SECONDS",
+        help="how long the broker keeps this node's messages while it is away (default 3600; "
+        "0: a clean session, nothing kept)",
+    )
+    sv.add_argument(
+        "--idle-retry",
+        type=_non_negative,
+        default=600.0,
+        metavar="SECONDS",
+        help="a car that asked and got nothing waits this long before asking again, unless "
+        "woken when work comes (default 600; 0: no hints, cars ask every interval)",
+    )
+    sv.add_argument(
+        "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port"
+    )
+    sv.add_argument(
+        "--metrics-host", default="127.0.0.1", help="the metrics address (default 127.0.0.1)"
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    q = sub.add_parser("queue", help="jobs by state, the oldest lease and the parked cars")
+    q.add_argument("--queue", required=True, help="the queue: a SQLite file or a postgresql:// URL")
+    q.add_argument("--json", action="store_true", help="one JSON object instead of text")
+
+    v = sub.add_parser("vehicles", help="every car's retained status, as the broker holds it")
+    _broker_options(v)
+    v.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    v.add_argument(
+        "--wait",
+        type=_non_negative,
+        default=2.0,
+        metavar="SECONDS",
+        help="how long to collect retained statuses (default 2)",
+    )
+
+    s = sub.add_parser(
+        "simulate", help="N virtual cars on the real wire, for load tests (not the agent)"
+    )
+    _broker_options(s)
+    s.add_argument("--vehicles", type=_positive_int, required=True, help="how many cars")
+    s.add_argument(
+        "--trusted-keys", type=Path, required=True, help="the job keys the cars trust (keygen)"
+    )
+    s.add_argument(
+        "--registry-out",
+        type=Path,
+        required=True,
+        help="write the cars' public keys here, for `serve --registry`",
+    )
+    s.add_argument("--duration", type=_non_negative, default=60.0, metavar="SECONDS")
+    s.add_argument(
+        "--compute-ms", type=_non_negative, default=20.0, help="simulated compute per job"
+    )
+    s.add_argument("--capacity", type=_positive_int, default=1, help="jobs a car holds at once")
+    s.add_argument(
+        "--scenarios",
+        type=Path,
+        default=SCENARIOS,
+        help="scenario files (*.toml) the cars' gates follow (default: the shipped ones)",
+    )
+    s.add_argument(
+        "--time-scale",
+        type=_non_negative,
+        default=600.0,
+        help="scenario seconds per real second (default 600: a day in 2.4 minutes)",
+    )
+    s.add_argument("--prefix", default="sim", help="vehicle ids are PREFIX-0000...")
+    s.add_argument("--processes", type=_positive_int, default=1, help="split the cars over P")
+    s.add_argument("--stats-out", type=Path, help="write message counts and timings as JSON")
+    s.add_argument("--ready-file", type=Path, help="touch this once every car is connected")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "queue":
+        from broker.commands import queue_summary
+
+        return asyncio.run(queue_summary(args))
+    from broker.commands import plaintext_refused
+
+    if plaintext_refused(args):
+        return ExitCode.USAGE
+    if args.command == "vehicles":
+        return asyncio.run(_vehicles(args))
+    from broker.simulator import simulate_command
+
+    return simulate_command(args)
+
+
+async def _vehicles(args: argparse.Namespace) -> int:
+    import aiomqtt
+
+    from agent.wire.codec import parse_model
+    from agent.wire.errors import Reason, WireError
+    from agent.wire.messages import VehicleStatus
+    from agent.wire.topics import Channel, all_vehicles, parse_topic
+
+    tls = None
+    if args.pki is not None:
+        from agent.kit.mqtt import client_tls
+        from broker.provision import FleetPki
+
+        pki = FleetPki(args.pki)
+        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
+    seen: dict[str, dict[str, object]] = {}
+    try:
+        async with aiomqtt.Client(
+            args.host,
+            args.port,
+            identifier=f"fleet-view-{time.time_ns()}",
+            protocol=aiomqtt.ProtocolVersion.V5,
+            tls_context=tls,
+            timeout=10,
+        ) as client:
+            await client.subscribe(all_vehicles(Channel.STATUS), 1)
+            deadline = time.monotonic() + args.wait
+            with_timeout = asyncio.timeout_at(asyncio.get_running_loop().time() + args.wait)
+            try:
+                async with with_timeout:
+                    async for message in client.messages:
+                        where = parse_topic(message.topic.value)
+                        if where is None or not isinstance(message.payload, bytes):
+                            continue
+                        try:
+                            status = parse_model(
+                                message.payload,
+                                VehicleStatus,
+                                what="status",
+                                reason=Reason.MALFORMED_PAYLOAD,
+                            )
+                        except WireError as err:
+                            seen[where[0]] = {"error": f"{err.reason.value}: {err.detail}"}
+                            continue
+                        seen[where[0]] = {
+                            "connected": status.online,
+                            "gate_open": status.gate_open,
+                            "reasons": list(status.reasons),
+                            "policy_version": status.policy_version,
+                            "agent_version": status.agent_version,
+                            "last_seen_s": round(time.time() - status.at, 1),
+                        }
+                        if time.monotonic() > deadline:
+                            break
+            except TimeoutError:
+                pass
+    except aiomqtt.MqttError as exc:
+        print(f"edge-fleet vehicles: cannot reach the broker: {exc}", file=sys.stderr)
+        return ExitCode.UNAVAILABLE
+    if args.json:
+        print(json.dumps({"vehicles": dict(sorted(seen.items()))}))
+        return ExitCode.OK
+    print(f"{'vehicle':<24} {'connected':<9} {'gate':<6} {'policy':<6} {'seen':>8}  reasons")
+    for vid, row in sorted(seen.items()):
+        if "error" in row:
+            print(f"{vid:<24} {row['error']}")
+            continue
+        reasons = row["reasons"]
+        assert isinstance(reasons, list)
+        print(
+            f"{vid:<24} {'yes' if row['connected'] else 'no':<9} "
+            f"{'open' if row['gate_open'] else 'closed':<6} {row['policy_version'] or '-'!s:<6} "
+            f"{row['last_seen_s']!s:>7}s  {','.join(reasons) or '-'}"
+        )
+    print(f"{len(seen)} vehicles")
+    return ExitCode.OK
