@@ -178,6 +178,7 @@ async def serve(args: argparse.Namespace) -> int:
         group=args.group,
         session_expiry_s=args.session_expiry,
         idle_retry_s=args.idle_retry,
+        reap_after_s=args.reap_after,
         metrics=metrics,
     )
     stop = asyncio.Event()

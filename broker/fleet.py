@@ -18,6 +18,7 @@ topic it came on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
 from collections import Counter, defaultdict
@@ -30,7 +31,7 @@ from paho.mqtt.properties import Properties
 
 from agent.kit.backoff import ReconnectBackoff
 from agent.kit.logs import get_logger
-from agent.kit.mqtt import NO_DELAY, publish_acked
+from agent.kit.mqtt import NO_DELAY, forget_stale_cancellations, publish_acked
 from agent.wire import envelope
 from agent.wire.bundle import encode_result_body, sign_job_bundle
 from agent.wire.codec import dump_model, parse_model
@@ -41,6 +42,7 @@ from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, Wor
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
 from broker.metrics import FleetMetrics
+from broker.peers import PRESENCE_PREFIX, Peers
 from broker.store import JobStore
 from broker.store.jobs import Lease, counts_as_failure
 
@@ -87,9 +89,10 @@ class FleetNode:
         bundle_from_bytes: int = 64 * 1024,
         node: str = "main",
         group: str = "fleet",
-        session_expiry_s: int = 3600,
+        session_expiry_s: int = 300,
         idle_retry_s: float = 600.0,
         wake_tick_s: float = 0.5,
+        reap_after_s: float = 10.0,
         metrics: FleetMetrics | None = None,
     ) -> None:
         self._tls = tls
@@ -117,6 +120,16 @@ class FleetNode:
         self.refused: Counter[str] = Counter()
         self.hints: Counter[str] = Counter()
         self.reconnects = 0
+        self.client_id = f"fleet-{self._issuer}-{node}"
+        self.peers = Peers(
+            group=group,
+            node=node,
+            client_id=self.client_id,
+            host=host,
+            port=port,
+            tls=tls,
+            reap_after_s=reap_after_s,
+        )
 
     def _client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -124,8 +137,9 @@ class FleetNode:
         return aiomqtt.Client(
             self.host,
             self.port,
-            identifier=f"fleet-{self._issuer}-{self.node}",
+            identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
+            will=self.peers.will(),
             clean_start=self._session_expiry_s == 0,
             properties=props,
             max_queued_incoming_messages=100_000,
@@ -148,8 +162,10 @@ class FleetNode:
                         properties=_subscription_id(SHARED_ID),
                     )
                     await client.subscribe(
-                        all_vehicles(Channel.STATUS), 1, properties=_subscription_id(VIEW_ID)
+                        [(all_vehicles(Channel.STATUS), 1), (self.peers.filter, 1)],
+                        properties=_subscription_id(VIEW_ID),
                     )
+                    await self.peers.announce(client)
                     self.ready.set()
                     self.metrics.connected.set(1)
                     backoff.connected(time.monotonic())
@@ -157,11 +173,13 @@ class FleetNode:
                         tg.create_task(self._receive(client), name="fleet-receiver")
                         tg.create_task(self._expire_leases(), name="lease-expiry")
                         tg.create_task(self._wake_parked(client), name="parked-waker")
+                        tg.create_task(self.peers.reap(), name="peer-reaper")
             except* aiomqtt.MqttError as group:
                 self.ready.clear()
                 self.metrics.connected.set(0)
                 self.reconnects += 1
                 self._log.warning("fleet_disconnected", reason=str(group.exceptions[0]))
+            forget_stale_cancellations()
             await asyncio.sleep(backoff.next_delay(time.monotonic()))
 
     async def _expire_leases(self) -> None:
@@ -197,16 +215,23 @@ class FleetNode:
 
     async def _receive(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            where = parse_topic(message.topic.value)
             payload = message.payload
-            if where is None or not isinstance(payload, bytes):
+            if not isinstance(payload, bytes):
+                continue
+            if message.topic.value.startswith(PRESENCE_PREFIX):
+                self.peers.seen(message.topic.value, payload)
+                continue
+            where = parse_topic(message.topic.value)
+            if where is None:
                 continue
             vehicle_id, channel = where
             self.last_seen[vehicle_id] = self._clock()
             ids = _subscription_ids(message)
-            try:
-                if channel is Channel.STATUS and (VIEW_ID in ids or not ids):
+            if channel is Channel.STATUS and (VIEW_ID in ids or not ids):
+                # A bad status is counted once, by the node that gets the shared copy.
+                with contextlib.suppress(WireError):
                     self._view_status(vehicle_id, payload)
+            try:
                 if channel is not Channel.STATUS or SHARED_ID in ids or not ids:
                     await self._dispatch(client, vehicle_id, channel, payload)
             except WireError as err:

@@ -56,9 +56,11 @@ class LocalMosquitto:
         port: int | None = None,
         pki: FleetPki | None = None,
         host: str = "127.0.0.1",
+        persistence: bool | None = None,
     ) -> None:
         """Plaintext on loopback, or with `pki`: TLS with client certificates and the ACL
-        (which may listen beyond loopback, on `host`)."""
+        (which may listen beyond loopback, on `host`). `persistence` (on by default with
+        `pki`) keeps retained messages and offline sessions across a restart, in `workdir`."""
         if pki is None and not is_loopback(host):
             raise BrokerError(f"a plaintext broker listens on loopback only, not {host}")
         self.workdir = workdir
@@ -67,15 +69,26 @@ class LocalMosquitto:
         self.port = port or free_port()
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_file = workdir / "mosquitto.log"
+        self.persistence = pki is not None if persistence is None else persistence
 
     def start(self, timeout_s: float = 10.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         files = resources.files("broker")
         conf = self.workdir / "mosquitto.conf"
+        persistence = (
+            f"persistence true\npersistence_location {self.workdir}/\nautosave_interval 60"
+            if self.persistence
+            else "persistence false"
+        )
         if self.pki is None:
             template = files.joinpath("mosquitto/local.conf").read_text()
             conf.write_text(
-                template.format(port=self.port, log_file=self.log_file, user_line=_user_line())
+                template.format(
+                    port=self.port,
+                    log_file=self.log_file,
+                    user_line=_user_line(),
+                    persistence=persistence,
+                )
             )
         else:
             acl = self.workdir / "acl"
@@ -91,6 +104,7 @@ class LocalMosquitto:
                     keyfile=self.pki.broker.key,
                     acl_file=acl,
                     user_line=_user_line(),
+                    persistence=persistence,
                 )
             )
 

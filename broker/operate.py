@@ -60,10 +60,18 @@ def add_serve_options(sv: argparse.ArgumentParser) -> None:
     sv.add_argument(
         "--session-expiry",
         type=int,
-        default=3600,
+        default=300,
         metavar="SECONDS",
-        help="how long the broker keeps this node's messages while it is away (default 3600; "
+        help="how long the broker keeps this node's messages while it is away (default 300; "
         "0: a clean session, nothing kept)",
+    )
+    sv.add_argument(
+        "--reap-after",
+        type=_non_negative,
+        default=10.0,
+        metavar="SECONDS",
+        help="end the session of a replica gone this long, so it stops taking its turn "
+        "(default 10: longer than a restart)",
     )
     sv.add_argument(
         "--idle-retry",
@@ -111,7 +119,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         required=True,
         help="write the cars' public keys here, for `serve --registry`",
     )
-    s.add_argument("--duration", type=_non_negative, default=60.0, metavar="SECONDS")
+    s.add_argument(
+        "--duration",
+        type=_non_negative,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long the cars run (default 60; 0: until Ctrl-C)",
+    )
     s.add_argument(
         "--compute-ms", type=_non_negative, default=20.0, help="simulated compute per job"
     )
@@ -128,7 +142,13 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         default=600.0,
         help="scenario seconds per real second (default 600: a day in 2.4 minutes)",
     )
-    s.add_argument("--prefix", default="sim", help="vehicle ids are PREFIX-0000...")
+    s.add_argument("--prefix", default="sim", help="vehicle ids are PREFIX-00000...")
+    s.add_argument("--seed", default="sim", help="the same seed gives the same car keys")
+    s.add_argument(
+        "--registry-only",
+        action="store_true",
+        help="only write the registry (for serve), then exit",
+    )
     s.add_argument("--processes", type=_positive_int, default=1, help="split the cars over P")
     s.add_argument("--stats-out", type=Path, help="write message counts and timings as JSON")
     s.add_argument("--ready-file", type=Path, help="touch this once every car is connected")
@@ -145,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         return ExitCode.USAGE
     if args.command == "vehicles":
         return asyncio.run(_vehicles(args))
-    from broker.simulator import simulate_command
+    from broker.sim.fleet import simulate_command
 
     return simulate_command(args)
 

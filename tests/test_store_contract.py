@@ -177,6 +177,9 @@ async def test_a_job_is_never_leased_twice_by_concurrent_stores(where):
 async def test_a_bad_store_address_is_a_clear_error(tmp_path, postgres):
     with pytest.raises(StoreError, match="does not exist"):
         await open_store(tmp_path / "no" / "such" / "queue.db")
-    with pytest.raises(StoreError, match="cannot connect to the PostgreSQL store at 127.0.0.1"):
+    with pytest.raises(StoreError, match=r"cannot connect to the PostgreSQL store at 127\.0\.0\.1"):
         await open_store(f"postgresql://edge:secret@127.0.0.1:{postgres.port}/no_such_db")
+    with pytest.raises(StoreError) as refused:
+        await open_store(f"postgresql://edge:secret@127.0.0.1:{postgres.port}/no_such_db")
+    assert "secret" not in str(refused.value), "the password is never printed"
     assert not isinstance(await open_store(tmp_path / "q.db"), PostgresStore)

@@ -61,6 +61,20 @@ async def publish_acked(
         raise asyncio.CancelledError
 
 
+def forget_stale_cancellations() -> None:
+    """Call in a reconnect loop after its TaskGroup ended in an error.
+
+    Python 3.11's TaskGroup cancels its parent task when a child fails after the group's
+    `async with` body has finished, and then never takes that cancellation back (3.12 does).
+    The parent's `cancelling()` count stays above 0, and `publish_acked` in that task would
+    take every later publish for a cancellation: a fleet node or car that lost its broker
+    once ended itself on its first publish after reconnecting. A real cancellation still
+    arrives: uncancel() lowers the count, it does not withdraw a pending CancelledError."""
+    task = asyncio.current_task()
+    while task is not None and task.cancelling():
+        task.uncancel()
+
+
 class OversizedPacketError(ConnectionError):
     """Raised inside paho's read when the peer announces a packet larger than we accept; paho
     treats it as a lost connection, so the client disconnects without reading the packet."""

@@ -31,6 +31,7 @@ from agent.kit.backoff import ReconnectBackoff
 from agent.kit.mqtt import (
     NO_DELAY,
     SESSION_TAKEN_OVER,
+    forget_stale_cancellations,
     guard_packet_size,
     on_disconnect_reason,
     publish_acked,
@@ -224,6 +225,7 @@ class Link:
                         tg.create_task(self._heartbeat(client), name="job-heartbeat")
             except* aiomqtt.MqttError as group:
                 self._failed(str(group.exceptions[0]))
+                forget_stale_cancellations()
             finally:
                 self.connected_at = None
                 self._rec.metrics.connected.set(0)
