@@ -15,9 +15,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench soak mutants models mosquitto clean deb rig-test rig-tools
+.PHONY: setup test demo lint bench soak mutants models mosquitto postgresql clean deb rig-test rig-tools scale
 
-setup: mosquitto $(STAMP)
+setup: mosquitto postgresql $(STAMP)
 
 # The mosquitto binary: installed with apt-get when running as root, else a clear instruction.
 mosquitto:
@@ -27,6 +27,17 @@ mosquitto:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	else \
 		echo "mosquitto is missing: run 'sudo apt-get install -y mosquitto', then 'make $(MAKECMDGOALS)' again"; \
+		exit 1; \
+	fi
+
+# PostgreSQL's server binaries (initdb, pg_ctl; the tests start a private cluster, no service).
+postgresql:
+	@if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing postgresql with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	else \
+		echo "postgresql is missing: run 'sudo apt-get install -y postgresql', then 'make $(MAKECMDGOALS)' again"; \
 		exit 1; \
 	fi
 

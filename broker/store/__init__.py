@@ -108,7 +108,12 @@ async def open_store(
     """`postgresql://...` opens PostgreSQL; anything else is the path of a SQLite file."""
     text = str(where)
     if text.startswith(POSTGRES_SCHEMES):
-        from broker.store.postgres import PostgresStore
+        try:
+            from broker.store.postgres import PostgresStore
+        except ImportError:
+            raise StoreError(
+                "the PostgreSQL store needs psycopg: pip install 'vehicle-edge-agent[postgres]'"
+            ) from None
 
         return await PostgresStore.connect(text, lease_s=lease_s, max_attempts=max_attempts)
     from broker.store.sqlite import SqliteStore
