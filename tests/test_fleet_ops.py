@@ -1,0 +1,177 @@
+"""What a fleet operator sees: `edge-fleet queue`, `edge-fleet vehicles`, the fleet node's
+metrics, `edge-fleet simulate --registry-only`; each also fed what an operator gets wrong."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import pytest
+from prometheus_client import generate_latest
+
+from agent.kit.exitcodes import ExitCode
+from agent.kit.keyfiles import write_private_key
+from agent.wire.codec import dump_model
+from agent.wire.keys import KeyRing, VehicleRegistryFile
+from agent.wire.messages import VehicleStatus
+from agent.wire.topics import Channel, topic
+from broker.collector import Collector
+from broker.commands import digit_templates
+from broker.fleet import FleetNode
+from broker.local import LocalMosquitto
+from broker.shipped import MODELS, SCENARIOS
+from broker.sim import car as sim_car
+from broker.sim import fleet as sim_fleet
+from broker.store import open_store
+from tests.support import FleetKeys, fleet_client
+from tests.test_fleet_cli import fleet
+
+
+def test_queue_shows_states_the_oldest_lease_and_parked_cars(tmp_path: Path) -> None:
+    keys = FleetKeys()
+    write_private_key(tmp_path / "requester.key", keys.requester)
+    out = fleet("submit", "--queue", "q.db", "--requester-key", "requester.key", "--count", "3",
+                cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+
+    async def lease_one() -> None:
+        store = await open_store(tmp_path / "q.db")
+        await store.lease("car-1", 1, {sim_fleet.digits_model().sha256}, now=time.time() - 42)
+        await store.park("car-2", {"0" * 64}, now=time.time())
+        await store.close()
+
+    asyncio.run(lease_one())
+    out = fleet("queue", "--queue", "q.db", "--json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert shown["jobs"] == {"queued": 2, "leased": 1, "done": 0, "failed": 0}
+    assert 41 <= shown["oldest_lease_age_s"] <= 60 and shown["parked_vehicles"] == 1
+    text = fleet("queue", "--queue", "q.db", cwd=tmp_path).stdout
+    assert "queued  2" in text and "oldest lease: 4" in text and "parked" in text
+
+
+@pytest.mark.parametrize(
+    ("where", "says"),
+    [
+        ("missing.db", "no queue at missing.db"),
+        ("postgresql://edge:pw@127.0.0.1:1/none", "cannot connect to the PostgreSQL store"),
+    ],
+)
+def test_queue_of_no_store_says_so(tmp_path: Path, where: str, says: str) -> None:
+    out = fleet("queue", "--queue", where, cwd=tmp_path)
+    assert (
+        out.returncode == ExitCode.CONFIG and says in out.stderr and "Traceback" not in out.stderr
+    )
+    assert "pw" not in out.stderr, "no password printed"
+
+
+@pytest.mark.broker
+def test_vehicles_lists_retained_statuses_and_names_a_garbled_one(mosquitto, tmp_path) -> None:
+    async def publish() -> None:
+        async with fleet_client(mosquitto.port, identifier="status-writer") as client:
+            status = VehicleStatus(
+                vehicle_id="ops-car", online=True, gate_open=False, reasons=("unplugged",),
+                at=time.time() - 5, policy_version=3,
+            )  # fmt: skip
+            await client.publish(
+                topic("ops-car", Channel.STATUS), dump_model(status), qos=1, retain=True
+            )
+            await client.publish(
+                topic("ops-garbled", Channel.STATUS), b"{not json", qos=1, retain=True
+            )
+
+    asyncio.run(publish())
+    out = fleet("vehicles", "--port", str(mosquitto.port), "--json", "--wait", "1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)["vehicles"]
+    assert shown["ops-car"]["connected"] is True and shown["ops-car"]["gate_open"] is False
+    assert shown["ops-car"]["reasons"] == ["unplugged"] and shown["ops-car"]["policy_version"] == 3
+    assert shown["ops-garbled"]["error"].startswith("malformed_payload")
+    table = fleet("vehicles", "--port", str(mosquitto.port), "--wait", "1", cwd=tmp_path).stdout
+    assert "ops-car" in table and "unplugged" in table and "vehicles" in table
+
+
+def test_vehicles_of_no_broker_and_plaintext_to_a_remote_one_say_so(tmp_path: Path) -> None:
+    out = fleet("vehicles", "--port", "1", "--wait", "0.5", cwd=tmp_path)
+    assert out.returncode == ExitCode.UNAVAILABLE and "cannot reach the broker" in out.stderr
+    out = fleet("vehicles", "--host", "broker.example", cwd=tmp_path)
+    assert out.returncode == ExitCode.USAGE and "refusing plaintext" in out.stderr
+
+
+def test_simulate_writes_the_registry_of_the_cars_it_would_run(tmp_path: Path) -> None:
+    keys = FleetKeys()
+    (tmp_path / "trusted.json").write_bytes(KeyRing.of(keys.job_key.public_key()).to_file())
+    args = ["simulate", "--vehicles", "5", "--trusted-keys", "trusted.json",
+            "--registry-out", "reg.json", "--registry-only", "--seed", "s1"]  # fmt: skip
+    assert fleet(*args, cwd=tmp_path).returncode == 0
+    registry = VehicleRegistryFile.model_validate_json((tmp_path / "reg.json").read_bytes())
+    assert [v.vehicle_id for v in registry.vehicles] == sim_car.vehicle_ids("sim", 5)
+    again = sim_car.registry("s1", sim_car.vehicle_ids("sim", 5))
+    assert (tmp_path / "reg.json").read_bytes() == again, "the same seed gives the same cars"
+    for bad, says in ((["--vehicles", "0"], "positive"), (["--time-scale", "x"], "number")):
+        out = fleet(*args[:1], *bad, *args[3:], cwd=tmp_path)
+        assert out.returncode == 2 and says in out.stderr
+    (tmp_path / "trusted.json").write_text("{}")
+    out = fleet(*args, cwd=tmp_path)
+    assert out.returncode == ExitCode.CONFIG and "trusted.json" in out.stderr
+
+
+@pytest.mark.broker
+async def test_the_fleet_nodes_metrics_count_what_happened(tmp_path, pg_dsn) -> None:
+    """Three simulated cars run ten jobs through a node on PostgreSQL: the metrics say ten
+    leases, ten accepted results, ten done, three cars online, and a refused message."""
+    with LocalMosquitto(tmp_path / "mosquitto") as mosquitto:
+        await _metrics_run(mosquitto, tmp_path, pg_dsn)
+
+
+async def _metrics_run(mosquitto: LocalMosquitto, tmp_path: Path, pg_dsn: str) -> None:
+    keys = FleetKeys()
+    write_private_key(tmp_path / "requester.key", keys.requester)
+    ids = sim_car.vehicle_ids("met", 3)
+    store = await open_store(pg_dsn)
+    for template in digit_templates(MODELS, tmp_path / "requester.key", 10):
+        await store.submit(template, now=time.time())
+    registry = VehicleRegistryFile.model_validate_json(sim_car.registry("m", ids))
+    from agent.wire.keys import ed25519_public
+
+    node = FleetNode(
+        host="127.0.0.1",
+        port=mosquitto.port,
+        store=store,
+        signing_key=keys.job_key,
+        collector=Collector(
+            vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
+            requester_key=keys.requester,
+        ),
+        node="metrics",
+        lease_tick_s=0.2,
+        session_expiry_s=0,
+    )
+    settings = sim_car.Settings(
+        host="127.0.0.1", port=mosquitto.port, trusted=KeyRing.of(keys.job_key.public_key()),
+        seed="m", compute_s=0.01, capacity=1, time_scale=1.0, model=sim_fleet.digits_model(),
+    )  # fmt: skip
+    node_task = asyncio.create_task(node.run())
+    scenarios = sim_fleet._scenarios(SCENARIOS / "parked-charging.toml")
+    cars = asyncio.create_task(sim_fleet.run_vehicles(ids, settings, scenarios, 0))
+    try:
+        await asyncio.wait_for(node.ready.wait(), 10)
+        async with fleet_client(mosquitto.port, identifier="garbage") as client:
+            await client.publish(topic("met-00000", Channel.WORK), b"garbage", qos=1)
+        deadline = time.monotonic() + 30
+        while (await store.counts()).get("done", 0) < 10 and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)  # one more tick of the queue gauges
+    finally:
+        for task in (cars, node_task):
+            task.cancel()
+        await asyncio.gather(cars, node_task, return_exceptions=True)
+    text = generate_latest(node.metrics.registry).decode()
+    assert "edge_fleet_leases_total 10.0" in text
+    assert 'edge_fleet_results_total{outcome="accepted"} 10.0' in text
+    assert 'edge_fleet_queue_jobs{state="done"} 10.0' in text
+    assert 'edge_fleet_vehicles{state="online"} 3.0' in text
+    assert 'edge_fleet_refused_total{channel="work",reason="malformed_payload"} 1.0' in text
+    await store.close()
