@@ -189,6 +189,7 @@ async def serve(args: argparse.Namespace) -> int:
     await asyncio.wait(
         {task, asyncio.create_task(stop.wait(), name="stop")}, return_when=asyncio.FIRST_COMPLETED
     )
+    await node.say_goodbye()
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import ssl
 import time
 from collections import Counter, defaultdict
@@ -48,7 +49,9 @@ from broker.store.jobs import Lease, counts_as_failure
 
 MAX_MESSAGE_BYTES = 64 * 1024
 _HAND_BACK = {EventKind.RELEASED, EventKind.PREEMPTED, EventKind.REJECTED, EventKind.FAILED}
-_STILL_HELD = {EventKind.ACCEPTED, EventKind.RUNNING, EventKind.HEARTBEAT}
+# Accepted and running arrive within milliseconds of the lease: only the heartbeat, every
+# heartbeat_s for each job a car holds (queued on the car or running), extends a lease.
+_STILL_HELD = {EventKind.HEARTBEAT}
 _SHARED = (Channel.WORK, Channel.EVENTS, Channel.RESULTS, Channel.STATUS)
 HINT_LIFETIME_S = 60.0
 
@@ -89,8 +92,8 @@ class FleetNode:
         bundle_from_bytes: int = 64 * 1024,
         node: str = "main",
         group: str = "fleet",
-        session_expiry_s: int = 300,
-        idle_retry_s: float = 600.0,
+        session_expiry_s: int = 0,
+        idle_retry_s: float = 900.0,
         wake_tick_s: float = 0.5,
         reap_after_s: float = 10.0,
         metrics: FleetMetrics | None = None,
@@ -121,6 +124,7 @@ class FleetNode:
         self.hints: Counter[str] = Counter()
         self.reconnects = 0
         self.client_id = f"fleet-{self._issuer}-{node}"
+        self._connected_client: aiomqtt.Client | None = None
         self.peers = Peers(
             group=group,
             node=node,
@@ -153,6 +157,7 @@ class FleetNode:
         while True:
             try:
                 async with self._client() as client:
+                    self._connected_client = client
                     # One SUBSCRIBE for all the work: a result published the moment this
                     # connection is back is not missed between separate subscriptions.
                     # Statuses twice, told apart by subscription identifier: shared (one
@@ -182,6 +187,17 @@ class FleetNode:
             forget_stale_cancellations()
             await asyncio.sleep(backoff.next_delay(time.monotonic()))
 
+    async def say_goodbye(self) -> None:
+        """Before a clean stop: tell the peers this node is gone. A clean DISCONNECT fires no
+        Last Will; without this a replica retired for good would keep its turn in the shared
+        subscription until its session expired. Back within reap_after_s, it loses nothing."""
+        client = self._connected_client
+        if client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.peers.goodbye(client)
+
     async def _expire_leases(self) -> None:
         while True:
             await asyncio.sleep(self._lease_tick_s)
@@ -205,7 +221,10 @@ class FleetNode:
         hint = WorkHint(
             vehicle_id=vehicle_id,
             kind=kind,
-            retry_after_s=self.idle_retry_s if kind is HintKind.NO_WORK else 0.0,
+            # Jittered: cars told "no work" together do not all ask again together.
+            retry_after_s=self.idle_retry_s * random.uniform(0.8, 1.0)
+            if kind is HintKind.NO_WORK
+            else 0.0,
             issued_at=now,
             expires_at=now + HINT_LIFETIME_S,
         )

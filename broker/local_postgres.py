@@ -87,7 +87,15 @@ class LocalPostgres:
             user = pwd.getpwnam("nobody")
             os.chown(self.root, user.pw_uid, user.pw_gid)
         self._run(
-            pg_binary("initdb"), "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-locale"
+            pg_binary("initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            USER,
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
         )
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(f"port = {self.port}\nunix_socket_directories = '{self.root}'\n")

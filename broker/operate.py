@@ -76,10 +76,11 @@ def add_serve_options(sv: argparse.ArgumentParser) -> None:
     sv.add_argument(
         "--idle-retry",
         type=_non_negative,
-        default=600.0,
+        default=900.0,
         metavar="SECONDS",
-        help="a car that asked and got nothing waits this long before asking again, unless "
-        "woken when work comes (default 600; 0: no hints, cars ask every interval)",
+        help="a car that asked and got nothing waits about this long (80-100 %%, jittered) "
+        "before asking again, unless woken when work comes (default 900, the most a car "
+        "heeds; 0: no hints, cars ask every interval)",
     )
     sv.add_argument(
         "--metrics-port", type=int, metavar="PORT", help="serve Prometheus metrics on this port"

@@ -75,6 +75,11 @@ class Peers:
             client, presence_topic(self.group, self.node), self._presence(True), retain=True
         )
 
+    async def goodbye(self, client: aiomqtt.Client) -> None:
+        await publish_acked(
+            client, presence_topic(self.group, self.node), self._presence(False), retain=True
+        )
+
     def seen(self, topic_name: str, raw: bytes) -> None:
         """A presence message (ours, a peer's, or garbage: ignored)."""
         node = topic_name.rsplit("/", 1)[-1]

@@ -54,21 +54,21 @@ class Rig:
         )
 
     def serve(self, node: str, *extra: str) -> subprocess.Popen[bytes]:
-        log = (self.dir / f"{node}.log").open("wb")
-        return subprocess.Popen(
-            [
-                sys.executable, "-m", "broker.cli", "serve",
-                "--queue", self.dsn,
-                "--job-key", str(self.dir / "job.key"),
-                "--requester-key", str(self.dir / "requester.key"),
-                "--registry", str(self.dir / "registry.json"),
-                "--port", str(self.broker.port),
-                "--node", node,
-                *extra,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        with (self.dir / f"{node}.log").open("wb") as log:
+            return subprocess.Popen(
+                [
+                    sys.executable, "-m", "broker.cli", "serve",
+                    "--queue", self.dsn,
+                    "--job-key", str(self.dir / "job.key"),
+                    "--requester-key", str(self.dir / "requester.key"),
+                    "--registry", str(self.dir / "registry.json"),
+                    "--port", str(self.broker.port),
+                    "--node", node,
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )  # fmt: skip
 
     def node(self, store: JobStore, name: str) -> FleetNode:
         from agent.wire.codec import parse_model
@@ -92,6 +92,7 @@ class Rig:
             signing_key=self.keys.job_key,
             collector=collector,
             node=name,
+            session_expiry_s=300,  # as `edge-fleet serve` does
         )
 
 
@@ -180,7 +181,7 @@ async def test_every_fleet_node_away_30_s_loses_no_result(rig: Rig):
     await _submit(rig, store, 40)
     nodes = [rig.node(store, f"m{k}") for k in range(2)]
     tasks = [asyncio.create_task(n.run()) for n in nodes]
-    async with _cars(rig, 20, compute_s=3.0):
+    async with _cars(rig, 20, compute_s=8.0):  # 4-12 s: every job ends inside the outage
         deadline = time.monotonic() + 30
         while (await store.counts()).get("leased", 0) < 20 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)

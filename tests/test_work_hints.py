@@ -110,7 +110,10 @@ async def test_an_idle_car_asks_once_then_waits_and_new_work_wakes_it(mosquitto,
     'no work', it asks once; a job queued later wakes it, and it runs the job at once."""
     queue = JobQueue(tmp_path / "q.db")
     files = write_vehicle(tmp_path, "quiet-car", port=mosquitto.port, fleet=fleet)
-    async with _node(mosquitto, fleet, queue, idle_retry_s=600.0) as node, running_agent(files) as agent:
+    async with (
+        _node(mosquitto, fleet, queue, idle_retry_s=600.0) as node,
+        running_agent(files) as agent,
+    ):
         await wait_for(lambda: node.hints["no_work"] >= 1, what="told no work")
         asked = node.work_requests["quiet-car"]
         await asyncio.sleep(3.0)
@@ -144,7 +147,10 @@ async def test_without_hints_an_idle_car_keeps_asking_and_a_forged_hint_cannot_s
         ),
         forger,
     )
-    async with _node(mosquitto, fleet, queue, idle_retry_s=0.0) as node, running_agent(files) as agent:
+    async with (
+        _node(mosquitto, fleet, queue, idle_retry_s=0.0) as node,
+        running_agent(files) as agent,
+    ):
         await wait_for(lambda: node.work_requests["loud-car"] >= 1, what="first request")
         async with fleet_client(mosquitto.port, identifier="forger") as client:
             await client.publish(topic("loud-car", Channel.JOBS), forged, qos=1)

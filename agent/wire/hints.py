@@ -4,8 +4,9 @@ Without hints a car with an open gate and no work asks every `work_request_inter
 (2 s): 30 messages a minute per car, 25M messages/s for 50M idle cars. With them:
 
   - a work request that leases nothing is answered with `no_work` and a `retry_after_s`
-    (the fleet's choice, 600 s by default): the car asks again only after that, or
-    sooner when its own state changes (a slot frees, the gate reopens);
+    (the fleet's choice: 720-900 s by default, jittered; a car heeds at most 900 s): the
+    car asks again only after that, or sooner when its own state changes (a slot frees,
+    the gate reopens);
   - the fleet keeps such cars on a parked list; when jobs for a model they hold are
     queued it sends `work_available` to as many of them as there are jobs (AWS IoT Jobs'
     notify-next is the anchor), and they ask at once.

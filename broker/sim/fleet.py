@@ -42,8 +42,11 @@ async def run_vehicles(
     duration_s: float,
     *,
     ready: Callable[[], None] | None = None,
+    snapshot: Callable[[Meter], None] | None = None,
+    snapshot_every_s: float = 2.0,
 ) -> Meter:
-    """Run these cars for `duration_s` (forever if 0); the meter says what they did."""
+    """Run these cars for `duration_s` (forever if 0); the meter says what they did, and
+    `snapshot` gets it every `snapshot_every_s` on the way."""
     meter = Meter()
     cars = [
         SimVehicle(v, settings, scenarios[i % len(scenarios)], meter) for i, v in enumerate(ids)
@@ -57,8 +60,14 @@ async def run_vehicles(
         while meter.connected < len(cars) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.1)
         ready()
+    until = time.monotonic() + (duration_s if duration_s > 0 else float("inf"))
     try:
-        await asyncio.sleep(duration_s if duration_s > 0 else float("inf"))
+        while (left := until - time.monotonic()) > 0:
+            await asyncio.sleep(min(left, snapshot_every_s))
+            if snapshot is not None:
+                for car in cars:
+                    car.close_books()
+                snapshot(meter)
     finally:
         for car in cars:
             car.close_books()
@@ -76,13 +85,25 @@ def _child(
     out: Path,
     ready: Path | None,
 ) -> None:
+    """One process's share of the cars; its meter goes to `out` every 2 s and at the end."""
+
+    def write(meter: Meter) -> None:
+        part = out.with_suffix(".part")
+        part.write_text(json.dumps(meter.as_dict()))
+        part.replace(out)
+
     scenarios = _scenarios(folder)
     meter = asyncio.run(
         run_vehicles(
-            ids, settings, scenarios, duration_s, ready=(lambda: ready.touch()) if ready else None
+            ids,
+            settings,
+            scenarios,
+            duration_s,
+            ready=(lambda: ready.touch()) if ready else None,
+            snapshot=write,
         )
     )
-    out.write_text(json.dumps(meter.as_dict()))
+    write(meter)
 
 
 def digits_model() -> ModelHeld:
