@@ -100,7 +100,7 @@ class Rig:
         settings = sim_car.Settings(
             host="127.0.0.1",
             port=broker.port,
-            trusted=KeyRing.of(self.job_key.public_key()),
+            trusted_keys=KeyRing.of(self.job_key.public_key()).to_file(),
             seed="scale",
             compute_s=self.compute_ms / 1000.0,
             capacity=1,
@@ -212,11 +212,12 @@ async def rows(store: JobStore, sql: str, since: float = 0.0) -> list[tuple[Any,
     from broker.store.postgres import PostgresStore
     from broker.store.sqlite import SqliteStore
 
+    params = (since,) if "SINCE" in sql else ()
     if isinstance(store, PostgresStore):
-        return await store._rows(sql.replace("SINCE", "%s"), (since,))
+        return await store._rows(sql.replace("SINCE", "%s"), params)
     assert isinstance(store, SqliteStore)
     with store.queue._lock:
-        return list(store.queue._db.execute(sql.replace("SINCE", "?"), (since,)).fetchall())
+        return list(store.queue._db.execute(sql.replace("SINCE", "?"), params).fetchall())
 
 
 def sustained_rate(times: list[float]) -> tuple[float, list[int]]:
@@ -280,7 +281,11 @@ async def postgres_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         outs = rig.start_cars(broker, "pg")
         await asyncio.sleep(10)  # every car has asked once and been told "no work"
         connected = meter(outs)
+        nodes_cpu = [Cpu(n.pid) for n in rig.nodes]
+        cars_cpu = [Cpu(c.pid) for c in rig.cars if c.pid is not None]
         b0, s0, w0 = broker_cpu.seconds(), store_cpu.seconds(), time.monotonic()
+        n0 = sum(c.seconds() for c in nodes_cpu)
+        c0 = sum(c.seconds() for c in cars_cpu)
         m0 = meter(outs)
         work_out = await measure_work(store, rig, args.backlog, args.paced_rate, args.paced_s)
         wall = time.monotonic() - w0
@@ -290,6 +295,14 @@ async def postgres_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "connected_peak": connected.connected_peak,
             **work_out,
             "broker_cpu_pct": round(100 * (broker_cpu.seconds() - b0) / wall, 1),
+            "fleet_nodes_cpu_pct": round(
+                100 * (sum(c.seconds() for c in nodes_cpu) - n0) / wall, 1
+            ),
+            "simulated_cars_cpu_pct": round(
+                100 * (sum(c.seconds() for c in cars_cpu) - c0) / wall, 1
+            ),
+            "car_msgs_per_job": round(sum(m1.msgs.values()) - sum(m0.msgs.values()), 1)
+            / max(1, work_out["jobs"]),
             "store_cpu_pct": round(100 * (store_cpu.seconds() - s0) / wall, 1),
             "broker_rss_mb": round(psutil.Process(broker._proc.pid).memory_info().rss / 2**20, 1),  # type: ignore[union-attr]
             "msgs_per_vehicle_per_min_working_phase": per_min(m0, m1),

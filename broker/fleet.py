@@ -45,7 +45,7 @@ from broker.collector import Collected, Collector
 from broker.metrics import FleetMetrics
 from broker.peers import PRESENCE_PREFIX, Peers
 from broker.store import JobStore
-from broker.store.jobs import Lease, counts_as_failure
+from broker.store.jobs import Completion, Lease, counts_as_failure
 
 MAX_MESSAGE_BYTES = 64 * 1024
 _HAND_BACK = {EventKind.RELEASED, EventKind.PREEMPTED, EventKind.REJECTED, EventKind.FAILED}
@@ -54,6 +54,7 @@ _HAND_BACK = {EventKind.RELEASED, EventKind.PREEMPTED, EventKind.REJECTED, Event
 _STILL_HELD = {EventKind.HEARTBEAT}
 _SHARED = (Channel.WORK, Channel.EVENTS, Channel.RESULTS, Channel.STATUS)
 HINT_LIFETIME_S = 60.0
+QUEUE_GAUGES_EVERY_S = 5.0
 
 
 SHARED_ID, VIEW_ID = 1, 2
@@ -199,15 +200,20 @@ class FleetNode:
                 await self.peers.goodbye(client)
 
     async def _expire_leases(self) -> None:
+        """The `lease-expiry` task; every QUEUE_GAUGES_EVERY_S it also reads the queue's
+        counts for the metrics (a count of every job: not on each tick)."""
+        gauges_at = 0.0
         while True:
             await asyncio.sleep(self._lease_tick_s)
             n = await self.store.expire_leases(self._clock())
             if n:
                 self.metrics.leases_ended.labels(reason="lease_expired").inc(n)
                 self._log.info("leases_expired", count=n)
-            summary = await self.store.summary()
-            self.metrics.observe_queue(summary, self._clock())
-            self.metrics.observe_vehicles(self.status.values())
+            if time.monotonic() >= gauges_at:
+                gauges_at = time.monotonic() + QUEUE_GAUGES_EVERY_S
+                summary = await self.store.summary()
+                self.metrics.observe_queue(summary, self._clock())
+                self.metrics.observe_vehicles(self.status.values())
 
     async def _wake_parked(self, client: aiomqtt.Client) -> None:
         """Tell parked cars (told 'no work') that work for a model they hold is queued."""
@@ -372,15 +378,27 @@ class FleetNode:
         collector = self.collector
         try:
             sealed = collector.verify(vehicle_id, raw)
-            digest = await self.store.assignment_digest(sealed.job_id, sealed.attempt, vehicle_id)
-            body = collector.open(sealed, digest)
+            # Opened under the digest the header names; the store then checks, in the same
+            # step that keeps it, that this attempt went to this car with that digest.
+            body = collector.open(sealed, sealed.job_digest)
+            done = await self.store.complete(
+                body.job_id,
+                body.attempt,
+                vehicle_id,
+                sealed.job_digest,
+                encode_result_body(body),
+                self._clock(),
+            )
+            if done is Completion.NOT_SENT:
+                raise WireError(
+                    Reason.UNKNOWN_JOB,
+                    f"no job {sealed.job_id} attempt {sealed.attempt} was sent to {vehicle_id} "
+                    "with that digest",
+                )
         except WireError as err:
             collector.rejected_for(err)
             raise
-        first = await self.store.complete(
-            body.job_id, body.attempt, vehicle_id, encode_result_body(body), self._clock()
-        )
-        collected = collector.record(body, vehicle_id, duplicate=not first)
+        collected = collector.record(body, vehicle_id, duplicate=done is Completion.DUPLICATE)
         self.metrics.results.labels(
             outcome="duplicate" if collected.duplicate else "accepted"
         ).inc()

@@ -150,7 +150,7 @@ async def _metrics_run(mosquitto: LocalMosquitto, tmp_path: Path, pg_dsn: str) -
         session_expiry_s=0,
     )
     settings = sim_car.Settings(
-        host="127.0.0.1", port=mosquitto.port, trusted=KeyRing.of(keys.job_key.public_key()),
+        host="127.0.0.1", port=mosquitto.port, trusted_keys=KeyRing.of(keys.job_key.public_key()).to_file(),
         seed="m", compute_s=0.01, capacity=1, time_scale=1.0, model=sim_fleet.digits_model(),
     )  # fmt: skip
     node_task = asyncio.create_task(node.run())
@@ -163,7 +163,15 @@ async def _metrics_run(mosquitto: LocalMosquitto, tmp_path: Path, pg_dsn: str) -
         deadline = time.monotonic() + 30
         while (await store.counts()).get("done", 0) < 10 and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.2)
-        await asyncio.sleep(0.5)  # one more tick of the queue gauges
+        # The queue gauges are read every 5 s (broker/fleet.py QUEUE_GAUGES_EVERY_S).
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            if (
+                'edge_fleet_queue_jobs{state="done"} 10.0'
+                in generate_latest(node.metrics.registry).decode()
+            ):
+                break
+            await asyncio.sleep(0.2)
     finally:
         for task in (cars, node_task):
             task.cancel()

@@ -45,7 +45,7 @@ class Rig:
         return sim_car.Settings(
             host="127.0.0.1",
             port=self.broker.port,
-            trusted=KeyRing.of(self.keys.job_key.public_key()),
+            trusted_keys=KeyRing.of(self.keys.job_key.public_key()).to_file(),
             seed="test",
             compute_s=compute_s,
             capacity=1,

@@ -10,12 +10,14 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from broker.store import JobStore, StoreError, open_store
+from broker.store.jobs import Completion
 from broker.store.postgres import PostgresStore
 from tests.support import DIGITS_REF
 from tests.test_fleet import template
 
 DIGITS = {DIGITS_REF.sha256}
 OTHER = "0" * 64
+NOT_SENT, DUPLICATE = Completion.NOT_SENT, Completion.DUPLICATE
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -118,15 +120,20 @@ async def test_an_offline_vehicle_returns_its_jobs_without_a_failure(store):
     assert await store.failures_of(jobs[0]) == 0
 
 
-async def test_the_first_result_wins_and_is_kept(store):
+async def test_a_result_counts_only_for_what_was_sent_and_the_first_wins(store):
     (job,) = await _submit(store)
     await store.lease("v1", 1, DIGITS, now=1)
     await store.record_assignment(job, 1, "v1", "d" * 64, now=1)
     assert await store.assignment_digest(job, 1, "v1") == "d" * 64
     assert await store.assignment_digest(job, 1, "v2") is None
     assert await store.assignment_digest(job, 2, "v1") is None
-    assert await store.complete(job, 1, "v1", b"first", now=2) is True
-    assert await store.complete(job, 2, "v2", b"second", now=3) is False
+    assert await store.complete(job, 1, "v2", "d" * 64, b"forged", now=2) is NOT_SENT
+    assert await store.complete(job, 1, "v1", "e" * 64, b"forged", now=2) is NOT_SENT
+    assert await store.complete(job, 2, "v1", "d" * 64, b"forged", now=2) is NOT_SENT
+    assert await store.result_of(job) is None and (await store.state_of(job))[0] == "leased"
+    assert await store.complete(job, 1, "v1", "d" * 64, b"first", now=2) is Completion.FIRST
+    await store.lease("v1", 1, DIGITS, now=3)  # (nothing queued: no second attempt)
+    assert await store.complete(job, 1, "v1", "d" * 64, b"again", now=3) is DUPLICATE
     assert await store.result_of(job) == b"first"
     assert (await store.state_of(job))[0] == "done"
     assert await store.hand_back(job, 1, "v1", "released", now=4) == 0, "done stays done"

@@ -110,7 +110,7 @@ class Meter:
 class Settings:
     host: str
     port: int
-    trusted: KeyRing
+    trusted_keys: bytes  # a trusted-keys file: picklable, for the car processes
     seed: str
     compute_s: float
     capacity: int
@@ -126,6 +126,7 @@ class SimVehicle:
         self.s = settings
         self.meter = meter
         self.key = vehicle_key(settings.seed, vehicle_id)
+        self.ring = KeyRing.from_file(settings.trusted_keys, "the trusted keys")
         rng = random.Random(vehicle_id)
         day = max((e.at_s for e in scenario.events), default=0.0) + 3600.0
         offset = rng.uniform(0, day) / settings.time_scale
@@ -148,6 +149,8 @@ class SimVehicle:
         return "working" if self.jobs else "idle" if self.gate_open else "closed"
 
     def _account(self) -> None:
+        """Call after the car's state changed: the time since the last call goes to the state
+        it was in, and the clock starts for the state it is in now."""
         now = time.monotonic()
         seconds = self.meter.seconds
         seconds[self._phase] = seconds.get(self._phase, 0.0) + now - self._phase_since
@@ -242,8 +245,8 @@ class SimVehicle:
             decision = self.gate.evaluate(self.car.snapshot(time.time()))
             if decision.open == self.gate_open:
                 continue
-            self._account()
             self.gate_open = decision.open
+            self._account()
             self.meter.events["gate_opened" if decision.open else "gate_closed"] += 1
             await self._publish(
                 topic(self.id, Channel.STATUS), dump_model(self._status(True)), retain=True
@@ -290,7 +293,6 @@ class SimVehicle:
             payload = message.payload
             if not isinstance(payload, bytes):
                 continue
-            self._count("in")
             try:
                 if is_hint(payload):
                     self._hinted(payload)
@@ -298,10 +300,11 @@ class SimVehicle:
                     await self._job(payload)
             except WireError as err:
                 self.meter.events[f"refused:{err.reason.value}"] += 1
+            self._count("in")  # a job counts as work, a 'no work' as idle
 
     def _hinted(self, raw: bytes) -> None:
         hint = verify_hint(
-            raw, trusted=self.s.trusted, vehicle_id=self.id, now=time.time(), max_skew_s=30
+            raw, trusted=self.ring, vehicle_id=self.id, now=time.time(), max_skew_s=30
         )
         self.meter.events[f"hint:{hint.kind.value}"] += 1
         if hint.kind is HintKind.NO_WORK:
@@ -312,7 +315,7 @@ class SimVehicle:
 
     async def _job(self, raw: bytes) -> None:
         verified = envelope.verify(
-            raw, payload_type=envelope.JOB_TYPE, trusted=self.s.trusted, max_bytes=MAX_MESSAGE_BYTES
+            raw, payload_type=envelope.JOB_TYPE, trusted=self.ring, max_bytes=MAX_MESSAGE_BYTES
         )
         job = parse_model(verified.payload, JobSpec, what="job", reason=Reason.MALFORMED_PAYLOAD)
         if job.vehicle_id != self.id:
@@ -322,9 +325,9 @@ class SimVehicle:
             reason = "gate_closed" if not self.gate_open else "busy"
             await self._event(job.job_id, job.attempt, EventKind.RELEASED, reason)
             return
-        self._account()
         key = (job.job_id, job.attempt)
         self.jobs[key] = asyncio.create_task(self._work(job, verified.digest))
+        self._account()
 
     async def _event(self, job_id: str, attempt: int, kind: EventKind, reason: str | None) -> None:
         event = JobEvent(

@@ -130,7 +130,8 @@ def summarize(meter: Meter) -> dict[str, object]:
 
 
 def simulate_command(args: argparse.Namespace) -> int:
-    trusted = KeyRing.from_file(args.trusted_keys.read_bytes(), str(args.trusted_keys))
+    trusted = args.trusted_keys.read_bytes()
+    KeyRing.from_file(trusted, str(args.trusted_keys))  # refused here, named, if it is wrong
     ids = vehicle_ids(args.prefix, args.vehicles)
     args.registry_out.write_bytes(registry(args.seed, ids))
     if args.registry_only:
@@ -139,7 +140,7 @@ def simulate_command(args: argparse.Namespace) -> int:
     settings = Settings(
         host=args.host,
         port=args.port,
-        trusted=trusted,
+        trusted_keys=trusted,
         seed=args.seed,
         compute_s=args.compute_ms / 1000.0,
         capacity=args.capacity,

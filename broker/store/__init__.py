@@ -15,7 +15,7 @@ from collections.abc import Collection
 from pathlib import Path
 from typing import Protocol
 
-from broker.store.jobs import JobTemplate, Lease, QueueSummary
+from broker.store.jobs import Completion, JobTemplate, Lease, QueueSummary
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
@@ -76,9 +76,10 @@ class JobStore(Protocol):
         """Leases that ran out count as a failure; queued jobs past their expiry fail."""
 
     async def complete(
-        self, job_id: str, attempt: int, vehicle_id: str, body: bytes, now: float
-    ) -> bool:
-        """Record the first verified result of a job (True); False if one already was."""
+        self, job_id: str, attempt: int, vehicle_id: str, digest: str, body: bytes, now: float
+    ) -> Completion:
+        """Record a verified result in one step: refused unless this attempt, with this
+        digest, was sent to this vehicle; kept if it is the job's first."""
 
     async def park(self, vehicle_id: str, models: Collection[str], now: float) -> None:
         """The vehicle asked and got nothing: it waits to be woken for these models."""

@@ -22,6 +22,7 @@ keys on it), so it rises with every lease whatever the outcome.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 from pydantic import Field, model_validator
 
@@ -93,3 +94,11 @@ class QueueSummary:
     counts: dict[str, int]
     oldest_lease_at: float | None  # when the longest-running current lease was handed out
     parked_vehicles: int  # vehicles told "no work" and waiting to be woken
+
+
+class Completion(Enum):
+    """What recording a verified result did."""
+
+    FIRST = "first"  # the job's first result: accepted, the job is done
+    DUPLICATE = "duplicate"  # the job already had one: counted, not kept
+    NOT_SENT = "not_sent"  # no such attempt with that digest went to that vehicle: refused

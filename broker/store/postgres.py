@@ -23,6 +23,7 @@ from broker.store.jobs import (
     DEFAULT_EXPIRY_S,
     WOKEN_COVER_S,
     WOKEN_FORGET_S,
+    Completion,
     JobTemplate,
     Lease,
     QueueSummary,
@@ -74,12 +75,20 @@ CREATE TABLE IF NOT EXISTS parked (
 CREATE INDEX IF NOT EXISTS parked_by_model ON parked (model_sha256, since);
 """
 
+# Oldest first per model through the queued index (an `= ANY(models)` would sort every
+# queued row of those models on each lease: 4 ms a lease at 10,000 queued, measured), then
+# the oldest of those. Up to n rows per model are locked for the moment of the statement.
 _LEASE = """
-WITH picked AS (
-    SELECT job_id FROM jobs
-    WHERE state = 'queued' AND model_sha256 = ANY(%(models)s) AND expires_at > %(now)s
-    ORDER BY submitted_at, seq LIMIT %(n)s
-    FOR UPDATE SKIP LOCKED
+WITH unparked AS (DELETE FROM parked WHERE vehicle_id = %(vehicle)s),
+picked AS (
+    SELECT c.job_id FROM unnest(%(models)s::text[]) AS m(sha)
+    CROSS JOIN LATERAL (
+        SELECT job_id, submitted_at, seq FROM jobs
+        WHERE state = 'queued' AND model_sha256 = m.sha AND expires_at > %(now)s
+        ORDER BY submitted_at, seq LIMIT %(n)s
+        FOR UPDATE SKIP LOCKED
+    ) AS c
+    ORDER BY c.submitted_at, c.seq LIMIT %(n)s
 )
 UPDATE jobs AS j SET state = 'leased', attempts = j.attempts + 1, vehicle_id = %(vehicle)s,
     lease_expires = %(until)s, leased_at = %(now)s
@@ -167,10 +176,7 @@ class PostgresStore:
             "vehicle": vehicle_id,
             "until": now + self.lease_s,
         }
-        async with self._turn, self._conn.transaction():
-            await self._conn.execute("DELETE FROM parked WHERE vehicle_id = %s", (vehicle_id,))
-            cur = await self._conn.execute(_LEASE, params)
-            rows = await cur.fetchall()
+        rows = await self._rows(_LEASE, params)
         rows.sort(key=lambda r: (r[4], r[5]))
         return [
             Lease(
@@ -252,30 +258,42 @@ class PostgresStore:
         )
 
     async def complete(
-        self, job_id: str, attempt: int, vehicle_id: str, body: bytes, now: float
-    ) -> bool:
-        async with self._turn, self._conn.transaction():
-            cur = await self._conn.execute(
-                "INSERT INTO results VALUES (%s, %s, %s, %s, %s) ON CONFLICT (job_id) DO NOTHING",
-                (job_id, attempt, vehicle_id, body, now),
-            )
-            if cur.rowcount != 1:
-                return False
-            await self._conn.execute(
-                "UPDATE jobs SET state = 'done', finished_at = %s, lease_expires = NULL, "
-                "vehicle_id = %s WHERE job_id = %s",
-                (now, vehicle_id, job_id),
-            )
-            return True
+        self, job_id: str, attempt: int, vehicle_id: str, digest: str, body: bytes, now: float
+    ) -> Completion:
+        # One statement: the check that this attempt was sent, the result and the job's
+        # state change happen together, or not at all.
+        ((sent, first),) = await self._rows(
+            "WITH sent AS (SELECT 1 FROM assignments WHERE job_id = %(job)s AND attempt = "
+            "%(attempt)s AND vehicle_id = %(vehicle)s AND digest = %(digest)s), "
+            "kept AS (INSERT INTO results SELECT %(job)s, %(attempt)s, %(vehicle)s, %(body)s, "
+            "%(now)s WHERE EXISTS (SELECT 1 FROM sent) ON CONFLICT (job_id) DO NOTHING "
+            "RETURNING job_id), "
+            "done AS (UPDATE jobs SET state = 'done', finished_at = %(now)s, "
+            "lease_expires = NULL, vehicle_id = %(vehicle)s FROM kept "
+            "WHERE jobs.job_id = kept.job_id RETURNING 1) "
+            "SELECT (SELECT COUNT(*) FROM sent), (SELECT COUNT(*) FROM done)",
+            {
+                "job": job_id,
+                "attempt": attempt,
+                "vehicle": vehicle_id,
+                "digest": digest,
+                "body": body,
+                "now": now,
+            },
+        )
+        if not sent:
+            return Completion.NOT_SENT
+        return Completion.FIRST if first else Completion.DUPLICATE
 
     async def park(self, vehicle_id: str, models: Collection[str], now: float) -> None:
-        async with self._turn, self._conn.transaction():
-            await self._conn.execute("DELETE FROM parked WHERE vehicle_id = %s", (vehicle_id,))
-            async with self._conn.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO parked VALUES (%s, %s, %s, NULL) ON CONFLICT DO NOTHING",
-                    [(vehicle_id, m, now) for m in sorted(set(models))],
-                )
+        await self._rows(
+            "WITH gone AS (DELETE FROM parked WHERE vehicle_id = %(vehicle)s "
+            "AND model_sha256 <> ALL(%(models)s::text[])) "
+            "INSERT INTO parked SELECT %(vehicle)s, m, %(now)s, NULL "
+            "FROM unnest(%(models)s::text[]) AS m ON CONFLICT (vehicle_id, model_sha256) "
+            "DO UPDATE SET since = EXCLUDED.since, woken_at = NULL",
+            {"vehicle": vehicle_id, "models": sorted(set(models)), "now": now},
+        )
 
     async def wake(self, limit: int, now: float) -> list[str]:
         async with self._turn, self._conn.transaction():

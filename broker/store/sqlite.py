@@ -24,6 +24,7 @@ from broker.store.jobs import (
     DEFAULT_EXPIRY_S,
     WOKEN_COVER_S,
     WOKEN_FORGET_S,
+    Completion,
     JobTemplate,
     Lease,
     QueueSummary,
@@ -261,22 +262,32 @@ class JobQueue:
         return self._end_lease("lease_expires < ?", (now,), "lease_expired", now, failure=True)
 
     @_locked
-    def complete(self, job_id: str, attempt: int, vehicle_id: str, body: bytes, now: float) -> bool:
-        """Record the first verified result of a job; False if the job already had one."""
+    def complete(
+        self, job_id: str, attempt: int, vehicle_id: str, digest: str, body: bytes, now: float
+    ) -> Completion:
+        """Record a verified result: refused unless that attempt was sent to that vehicle with
+        that digest; kept if it is the job's first (see JobStore.complete)."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            sent = self._db.execute(
+                "SELECT 1 FROM assignments WHERE job_id = ? AND attempt = ? AND vehicle_id = ? "
+                "AND digest = ?",
+                (job_id, attempt, vehicle_id, digest),
+            ).fetchone()
+            if sent is None:
+                return Completion.NOT_SENT
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO results VALUES (?, ?, ?, ?, ?)",
                 (job_id, attempt, vehicle_id, body, now),
             )
             if cur.rowcount != 1:
-                return False
+                return Completion.DUPLICATE
             self._db.execute(
                 "UPDATE jobs SET state = 'done', finished_at = ?, lease_expires = NULL, "
                 "vehicle_id = ? WHERE job_id = ?",
                 (now, vehicle_id, job_id),
             )
-            return True
+            return Completion.FIRST
 
     @_locked
     def result_of(self, job_id: str) -> bytes | None:
@@ -450,9 +461,9 @@ class SqliteStore:
         return await self._call(self.queue.expire_leases, now)
 
     async def complete(
-        self, job_id: str, attempt: int, vehicle_id: str, body: bytes, now: float
-    ) -> bool:
-        return await self._call(self.queue.complete, job_id, attempt, vehicle_id, body, now)
+        self, job_id: str, attempt: int, vehicle_id: str, digest: str, body: bytes, now: float
+    ) -> Completion:
+        return await self._call(self.queue.complete, job_id, attempt, vehicle_id, digest, body, now)
 
     async def park(self, vehicle_id: str, models: Collection[str], now: float) -> None:
         await self._call(self.queue.park, vehicle_id, models, now)
