@@ -39,7 +39,14 @@ from agent.wire.codec import dump_model, parse_model
 from agent.wire.errors import Reason, WireError
 from agent.wire.hints import HintKind, WorkHint, sign_hint
 from agent.wire.keys import key_id
-from agent.wire.messages import EventKind, JobEvent, JobSpec, VehicleStatus, WorkRequest
+from agent.wire.messages import (
+    EventKind,
+    JobEvent,
+    JobSpec,
+    ResultBody,
+    VehicleStatus,
+    WorkRequest,
+)
 from agent.wire.topics import Channel, all_vehicles, parse_topic, topic
 from broker.collector import Collected, Collector
 from broker.metrics import FleetMetrics
@@ -377,24 +384,7 @@ class FleetNode:
     async def _on_result_message(self, vehicle_id: str, raw: bytes) -> None:
         collector = self.collector
         try:
-            sealed = collector.verify(vehicle_id, raw)
-            # Opened under the digest the header names; the store then checks, in the same
-            # step that keeps it, that this attempt went to this car with that digest.
-            body = collector.open(sealed, sealed.job_digest)
-            done = await self.store.complete(
-                body.job_id,
-                body.attempt,
-                vehicle_id,
-                sealed.job_digest,
-                encode_result_body(body),
-                self._clock(),
-            )
-            if done is Completion.NOT_SENT:
-                raise WireError(
-                    Reason.UNKNOWN_JOB,
-                    f"no job {sealed.job_id} attempt {sealed.attempt} was sent to {vehicle_id} "
-                    "with that digest",
-                )
+            body, done = await self._keep_result(vehicle_id, raw)
         except WireError as err:
             collector.rejected_for(err)
             raise
@@ -404,3 +394,25 @@ class FleetNode:
         ).inc()
         if self._on_result is not None:
             self._on_result(collected)
+
+    async def _keep_result(self, vehicle_id: str, raw: bytes) -> tuple[ResultBody, Completion]:
+        """Verify, open and record one result; WireError if any step refuses it."""
+        sealed = self.collector.verify(vehicle_id, raw)
+        # Opened under the digest the header names; the store then checks, in the same step
+        # that keeps it, that this attempt went to this car with that digest.
+        body = self.collector.open(sealed, sealed.job_digest)
+        done = await self.store.complete(
+            body.job_id,
+            body.attempt,
+            vehicle_id,
+            sealed.job_digest,
+            encode_result_body(body),
+            self._clock(),
+        )
+        if done is Completion.NOT_SENT:
+            raise WireError(
+                Reason.UNKNOWN_JOB,
+                f"no job {sealed.job_id} attempt {sealed.attempt} was sent to {vehicle_id} "
+                "with that digest",
+            )
+        return body, done

@@ -173,8 +173,10 @@ class Link:
     def _make_client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.MaximumPacketSize = self._max_packet_bytes
+        # The Last Will is fixed at connect and published whenever the connection dies: it says
+        # nothing that can go stale meanwhile (the policy version, the gate's reasons).
         offline = self._status(False).model_copy(
-            update={"reasons": ("connection_lost",), "gate_open": False}
+            update={"reasons": ("connection_lost",), "gate_open": False, "policy_version": None}
         )
         b = self._config().broker
         return aiomqtt.Client(
