@@ -4,6 +4,7 @@
 #   make lint    ruff, mypy and the import contracts (lint-imports)
 #   make bench   the benchmarks (about 13 minutes); JSON and a plot under bench/results/
 #   make soak    1000 jobs with the cable pulled every 3 s, then 300 with the worker killed at random
+#   make scale   1,000 simulated cars against 3 fleet replicas on PostgreSQL; bench/results/scale.json
 #   make mutants mutation testing of agent/core (mutmut) with the fast tests
 #   make models  regenerate the shipped models (needs the models extra)
 #   make deb     the .deb packages (Debian 12 and 13, amd64 and arm64) into dist/deb/
@@ -67,6 +68,11 @@ lint: setup
 bench: setup
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m bench.run
+
+# 1,000 simulated cars, 3 fleet replicas, PostgreSQL and Mosquitto (about 25 minutes).
+scale: setup
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
+	$(BIN)/python -m bench.scale
 
 soak: setup
 	$(BIN)/python -m bench.soak --mode cable

@@ -264,7 +264,10 @@ class FleetNode:
                 with contextlib.suppress(WireError):
                     self._view_status(vehicle_id, payload)
             try:
-                if channel is not Channel.STATUS or SHARED_ID in ids or not ids:
+                # A retained status replayed on subscribe is old news, not a car going
+                # offline now (Mosquitto 2.0 replays them to shared subscriptions too).
+                live = not message.retain
+                if channel is not Channel.STATUS or (live and (SHARED_ID in ids or not ids)):
                     await self._dispatch(client, vehicle_id, channel, payload)
             except WireError as err:
                 self.refused[f"{channel.value}:{err.reason.value}"] += 1

@@ -92,6 +92,13 @@ def test_vehicles_lists_retained_statuses_and_names_a_garbled_one(mosquitto, tmp
     table = fleet("vehicles", "--port", str(mosquitto.port), "--wait", "1", cwd=tmp_path).stdout
     assert "ops-car" in table and "unplugged" in table and "vehicles" in table
 
+    async def clear() -> None:  # the session's broker is shared by later tests
+        async with fleet_client(mosquitto.port, identifier="status-clearer") as client:
+            for vid in ("ops-car", "ops-garbled"):
+                await client.publish(topic(vid, Channel.STATUS), b"", qos=1, retain=True)
+
+    asyncio.run(clear())
+
 
 def test_vehicles_of_no_broker_and_plaintext_to_a_remote_one_say_so(tmp_path: Path) -> None:
     out = fleet("vehicles", "--port", "1", "--wait", "0.5", cwd=tmp_path)
@@ -182,4 +189,45 @@ async def _metrics_run(mosquitto: LocalMosquitto, tmp_path: Path, pg_dsn: str) -
     assert 'edge_fleet_queue_jobs{state="done"} 10.0' in text
     assert 'edge_fleet_vehicles{state="online"} 3.0' in text
     assert 'edge_fleet_refused_total{channel="work",reason="malformed_payload"} 1.0' in text
+    await store.close()
+
+
+@pytest.mark.broker
+async def test_a_node_starting_takes_retained_statuses_as_its_view_not_as_news(tmp_path) -> None:
+    """Statuses the broker kept (retained) reach a starting node: they fill its view, but an
+    old 'offline' does not take a car's current lease away, and old garbage is not counted
+    as refused (Mosquitto replays retained messages to shared subscriptions too)."""
+    keys = FleetKeys()
+    write_private_key(tmp_path / "requester.key", keys.requester)
+    store = await open_store(tmp_path / "q.db")
+    (template,) = digit_templates(MODELS, tmp_path / "requester.key", 1)
+    job = await store.submit(template, now=time.time())
+    await store.lease("old-car", 1, {sim_fleet.digits_model().sha256}, now=time.time())
+    with LocalMosquitto(tmp_path / "mosquitto") as mosquitto:
+        async with fleet_client(mosquitto.port, identifier="status-writer") as client:
+            offline = VehicleStatus(vehicle_id="old-car", online=False, gate_open=False, at=1.0)
+            await client.publish(
+                topic("old-car", Channel.STATUS), dump_model(offline), qos=1, retain=True
+            )
+            await client.publish(topic("junk-car", Channel.STATUS), b"{", qos=1, retain=True)
+        node = FleetNode(
+            host="127.0.0.1",
+            port=mosquitto.port,
+            store=store,
+            signing_key=keys.job_key,
+            collector=Collector(vehicles={}, requester_key=keys.requester),
+        )
+        task = asyncio.create_task(node.run())
+        try:
+            await asyncio.wait_for(node.ready.wait(), 10)
+            deadline = time.monotonic() + 5
+            while "old-car" not in node.status and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert node.status["old-car"].online is False, "the view has it"
+    assert (await store.state_of(job))[0] == "leased", "no lease taken on old news"
+    assert node.refused == {}
     await store.close()
