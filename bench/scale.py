@@ -301,6 +301,7 @@ async def postgres_run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "simulated_cars_cpu_pct": round(
                 100 * (sum(c.seconds() for c in cars_cpu) - c0) / wall, 1
             ),
+            "working_wall_s": round(wall, 1),
             "car_msgs_per_job": round(sum(m1.msgs.values()) - sum(m0.msgs.values()), 1)
             / max(1, work_out["jobs"]),
             "store_cpu_pct": round(100 * (store_cpu.seconds() - s0) / wall, 1),
