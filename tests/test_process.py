@@ -53,6 +53,39 @@ async def test_sigterm_stops_the_agent_cleanly_and_says_offline(mosquitto, fleet
     assert '"event": "agent_stopped"' in out
 
 
+async def test_sigkill_leaves_a_last_will_that_says_nothing_stale(mosquitto, fleet, tmp_path):
+    """An agent killed outright is reported offline by the broker's copy of its Last Will,
+    which names no policy version (fixed at connect, it would go stale after a rollout)."""
+    files = write_vehicle(tmp_path, "veh-will", port=mosquitto.port, fleet=fleet)
+    statuses: list[dict] = []
+    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
+        await client.subscribe("fleet/v1/vehicles/veh-will/status", qos=1)
+
+        async def pump() -> None:
+            async for m in client.messages:
+                if isinstance(m.payload, bytes) and m.payload:
+                    statuses.append(json.loads(m.payload))
+
+        pumper = asyncio.create_task(pump())
+        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant; waits go to a thread
+            [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            await wait_for(lambda: any(s["online"] for s in statuses), timeout=20, what="online")
+            assert statuses[-1]["policy_version"] == 1, "the live status names the policy"
+            proc.kill()
+            await asyncio.to_thread(proc.wait, 15)
+            await wait_for(lambda: not statuses[-1]["online"], timeout=10, what="the Last Will")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            pumper.cancel()
+    assert statuses[-1]["reasons"] == ["connection_lost"]
+    assert statuses[-1]["policy_version"] is None
+
+
 def test_agent_with_bad_config_exits_with_config_code(tmp_path):
     """`edge-agent run` on a bad config exits 78 (EX_CONFIG) so systemd does not restart-loop."""
     bad = tmp_path / "agent.toml"
