@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test demo lint bench soak mutants models mosquitto postgresql clean deb rig-test rig-tools scale
 
-setup: mosquitto postgresql $(STAMP)
+setup: mosquitto $(STAMP)
 
 # The mosquitto binary: installed with apt-get when running as root, else a clear instruction.
 mosquitto:
@@ -53,7 +53,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
-test: setup
+# The suite starts private PostgreSQL clusters (the job store's contract and replica tests).
+test: setup postgresql
 	$(BIN)/pytest -q
 
 demo: setup
@@ -70,7 +71,7 @@ bench: setup
 	$(BIN)/python -m bench.run
 
 # 1,000 simulated cars, 3 fleet replicas, PostgreSQL and Mosquitto (about 25 minutes).
-scale: setup
+scale: setup postgresql
 	$(BIN)/pip install -q --disable-pip-version-check -e '.[bench]'
 	$(BIN)/python -m bench.scale
 
