@@ -51,9 +51,6 @@ class JobStore(Protocol):
         self, job_id: str, attempt: int, vehicle_id: str, digest: str, now: float
     ) -> None: ...
 
-    async def assignment_digest(self, job_id: str, attempt: int, vehicle_id: str) -> str | None:
-        """The digest of the signed job sent as this attempt to this vehicle, if one was."""
-
     async def extend_lease(self, job_id: str, attempt: int, vehicle_id: str, now: float) -> bool:
         """The vehicle says it still holds this attempt: its lease runs from now again."""
 

@@ -200,13 +200,6 @@ class PostgresStore:
             (job_id, attempt, vehicle_id, digest, now),
         )
 
-    async def assignment_digest(self, job_id: str, attempt: int, vehicle_id: str) -> str | None:
-        rows = await self._rows(
-            "SELECT digest FROM assignments WHERE job_id = %s AND attempt = %s AND vehicle_id = %s",
-            (job_id, attempt, vehicle_id),
-        )
-        return str(rows[0][0]) if rows else None
-
     async def extend_lease(self, job_id: str, attempt: int, vehicle_id: str, now: float) -> bool:
         async with self._turn:
             cur = await self._conn.execute(

@@ -306,13 +306,17 @@ class JobQueue:
 
     @_locked
     def wake(self, limit: int, now: float) -> list[str]:
+        # Called every half second by each node: nobody parked, no write transaction.
+        waiting = self._db.execute("SELECT 1 FROM parked WHERE woken_at IS NULL LIMIT 1")
+        if waiting.fetchone() is None:
+            return []
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._expire_queued(now)
             wanted = dict(
                 self._db.execute(
                     "SELECT model_sha256, COUNT(*) FROM jobs WHERE state = 'queued' "
-                    "GROUP BY model_sha256"
+                    "AND (expires_at IS NULL OR expires_at > ?) GROUP BY model_sha256",
+                    (now,),
                 ).fetchall()
             )
             self._db.execute("DELETE FROM parked WHERE woken_at < ?", (now - WOKEN_FORGET_S,))
@@ -433,9 +437,6 @@ class SqliteStore:
         self, job_id: str, attempt: int, vehicle_id: str, digest: str, now: float
     ) -> None:
         await self._call(self.queue.record_assignment, job_id, attempt, vehicle_id, digest, now)
-
-    async def assignment_digest(self, job_id: str, attempt: int, vehicle_id: str) -> str | None:
-        return await self._call(self.queue.assignment_digest, job_id, attempt, vehicle_id)
 
     async def extend_lease(self, job_id: str, attempt: int, vehicle_id: str, now: float) -> bool:
         return await self._call(self.queue.extend_lease, job_id, attempt, vehicle_id, now)
