@@ -231,3 +231,25 @@ async def test_a_node_starting_takes_retained_statuses_as_its_view_not_as_news(t
     assert (await store.state_of(job))[0] == "leased", "no lease taken on old news"
     assert node.refused == {}
     await store.close()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"", b"{", b"[]", b'{"online": false}', b'{"client_id": "x"}', b"x" * 5000],
+)
+def test_a_garbled_peer_presence_is_ignored_not_reaped(raw: bytes) -> None:
+    """Presence messages on fleet/v1/nodes/<group>/<node> are read by every node: garbage
+    (or an empty retained message) marks no peer gone, so no session is ended for it."""
+    from broker.peers import Peers
+
+    peers = Peers(
+        group="fleet", node="me", client_id="fleet-me", host="127.0.0.1", port=1, tls=None,
+        reap_after_s=1.0, clock=lambda: 100.0,
+    )  # fmt: skip
+    peers.seen("fleet/v1/nodes/fleet/other", raw)
+    assert peers.gone_since == {} and peers.online == set()
+    gone = json.dumps({"node": "other", "client_id": "fleet-other", "online": False, "at": 1})
+    peers.seen("fleet/v1/nodes/fleet/other", gone.encode())
+    assert peers.gone_since == {"other": (100.0, "fleet-other")}, "a well-formed one counts"
+    peers.seen("fleet/v1/nodes/fleet/me", gone.replace("other", "me").encode())
+    assert "me" not in peers.gone_since, "a node never reaps itself"
