@@ -63,6 +63,7 @@ from agent.wire.keys import (
 )
 from agent.wire.topics import check_vehicle_id
 from broker import commands, operate
+from broker.argtypes import positive_float, positive_int
 from broker.shipped import MODELS
 
 
@@ -106,7 +107,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     jb.add_argument(
         "--wait-done",
-        type=_positive_float,
+        type=positive_float,
         metavar="S",
         help="wait up to S seconds until no job is queued or leased (exit 1 if some still are)",
     )
@@ -197,10 +198,10 @@ def _parser() -> argparse.ArgumentParser:
     sb.add_argument(
         "--requester-key", type=Path, required=True, help="whose key the results are sealed to"
     )
-    sb.add_argument("--count", type=_positive_int, default=10, help="jobs to queue (default 10)")
+    sb.add_argument("--count", type=positive_int, default=10, help="jobs to queue (default 10)")
     sb.add_argument(
         "--expires-in",
-        type=_positive_float,
+        type=positive_float,
         default=24 * 3600.0,
         metavar="SECONDS",
         help="how long a job may wait for a car (preemptions and hand-backs requeue it until "
@@ -240,7 +241,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8883, help="(default 8883)")
     sv.add_argument(
         "--max-failures",
-        type=_positive_int,
+        type=positive_int,
         default=3,
         metavar="N",
         help="fail a job for good after N failed attempts (failed or rejected by a car, or a "
@@ -248,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sv.add_argument(
         "--lease-s",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="SECONDS",
         help="how long a car holds a job without a heartbeat before it goes to another",
@@ -420,26 +421,6 @@ def _register(args: argparse.Namespace) -> int:
     )
     print(f"registered {args.vehicle_id} in {args.registry}")
     return ExitCode.OK
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number of seconds")
-    return value
 
 
 def _provision(args: argparse.Namespace) -> int:

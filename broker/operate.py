@@ -11,26 +11,10 @@ import time
 from pathlib import Path
 
 from agent.kit.exitcodes import ExitCode
+from broker.argtypes import non_negative, positive_int
 from broker.shipped import SCENARIOS
 
 COMMANDS = ("queue", "vehicles", "simulate")
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
 
 
 def _broker_options(p: argparse.ArgumentParser) -> None:
@@ -67,7 +51,7 @@ def add_serve_options(sv: argparse.ArgumentParser) -> None:
     )
     sv.add_argument(
         "--reap-after",
-        type=_non_negative,
+        type=non_negative,
         default=10.0,
         metavar="SECONDS",
         help="end the session of a replica gone this long, so it stops taking its turn "
@@ -75,7 +59,7 @@ def add_serve_options(sv: argparse.ArgumentParser) -> None:
     )
     sv.add_argument(
         "--idle-retry",
-        type=_non_negative,
+        type=non_negative,
         default=900.0,
         metavar="SECONDS",
         help="a car that asked and got nothing waits about this long (80-100 %%, jittered) "
@@ -100,7 +84,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     v.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     v.add_argument(
         "--wait",
-        type=_non_negative,
+        type=non_negative,
         default=2.0,
         metavar="SECONDS",
         help="how long to collect retained statuses (default 2)",
@@ -110,7 +94,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "simulate", help="N virtual cars on the real wire, for load tests (not the agent)"
     )
     _broker_options(s)
-    s.add_argument("--vehicles", type=_positive_int, required=True, help="how many cars")
+    s.add_argument("--vehicles", type=positive_int, required=True, help="how many cars")
     s.add_argument(
         "--trusted-keys", type=Path, required=True, help="the job keys the cars trust (keygen)"
     )
@@ -122,15 +106,15 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     s.add_argument(
         "--duration",
-        type=_non_negative,
+        type=non_negative,
         default=60.0,
         metavar="SECONDS",
         help="how long the cars run (default 60; 0: until Ctrl-C)",
     )
     s.add_argument(
-        "--compute-ms", type=_non_negative, default=20.0, help="simulated compute per job"
+        "--compute-ms", type=non_negative, default=20.0, help="simulated compute per job"
     )
-    s.add_argument("--capacity", type=_positive_int, default=1, help="jobs a car holds at once")
+    s.add_argument("--capacity", type=positive_int, default=1, help="jobs a car holds at once")
     s.add_argument(
         "--scenarios",
         type=Path,
@@ -139,7 +123,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     )
     s.add_argument(
         "--time-scale",
-        type=_non_negative,
+        type=non_negative,
         default=600.0,
         help="scenario seconds per real second (default 600: a day in 2.4 minutes)",
     )
@@ -150,7 +134,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         action="store_true",
         help="only write the registry (for serve), then exit",
     )
-    s.add_argument("--processes", type=_positive_int, default=1, help="split the cars over P")
+    s.add_argument("--processes", type=positive_int, default=1, help="split the cars over P")
     s.add_argument("--stats-out", type=Path, help="write message counts and timings as JSON")
     s.add_argument("--ready-file", type=Path, help="touch this once every car is connected")
 

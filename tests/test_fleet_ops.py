@@ -117,7 +117,7 @@ def test_simulate_writes_the_registry_of_the_cars_it_would_run(tmp_path: Path) -
     assert [v.vehicle_id for v in registry.vehicles] == sim_car.vehicle_ids("sim", 5)
     again = sim_car.registry("s1", sim_car.vehicle_ids("sim", 5))
     assert (tmp_path / "reg.json").read_bytes() == again, "the same seed gives the same cars"
-    for bad, says in ((["--vehicles", "0"], "positive"), (["--time-scale", "x"], "number")):
+    for bad, says in ((["--vehicles", "0"], "at least 1"), (["--time-scale", "x"], "number")):
         out = fleet(*args[:1], *bad, *args[3:], cwd=tmp_path)
         assert out.returncode == 2 and says in out.stderr
     (tmp_path / "trusted.json").write_text("{}")
