@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiomqtt
 import pytest
@@ -18,12 +21,12 @@ from tests.support import refused_at_start, wait_for, write_vehicle
 pytestmark = pytest.mark.broker
 
 
-async def test_sigterm_stops_the_agent_cleanly_and_says_offline(mosquitto, fleet, tmp_path):
-    """SIGTERM ends `edge-agent run` with exit 0 after it publishes a retained offline status."""
-    files = write_vehicle(tmp_path, "veh-proc", port=mosquitto.port, fleet=fleet)
+@contextlib.asynccontextmanager
+async def _statuses(port: int, vehicle_id: str) -> AsyncIterator[list[dict]]:
+    """Every non-empty status `vehicle_id` publishes while inside, parsed, in order."""
     statuses: list[dict] = []
-    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
-        await client.subscribe("fleet/v1/vehicles/veh-proc/status", qos=1)
+    async with aiomqtt.Client("127.0.0.1", port) as client:
+        await client.subscribe(f"fleet/v1/vehicles/{vehicle_id}/status", qos=1)
 
         async def pump() -> None:
             async for m in client.messages:
@@ -31,11 +34,25 @@ async def test_sigterm_stops_the_agent_cleanly_and_says_offline(mosquitto, fleet
                     statuses.append(json.loads(m.payload))
 
         pumper = asyncio.create_task(pump())
-        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant; waits go to a thread
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
+        try:
+            yield statuses
+        finally:
+            pumper.cancel()
+
+
+def _agent(config: Path, out: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+
+
+async def test_sigterm_stops_the_agent_cleanly_and_says_offline(mosquitto, fleet, tmp_path):
+    """SIGTERM ends `edge-agent run` with exit 0 after it publishes a retained offline status."""
+    files = write_vehicle(tmp_path, "veh-proc", port=mosquitto.port, fleet=fleet)
+    async with _statuses(mosquitto.port, "veh-proc") as statuses:
+        proc = _agent(files.config_path, subprocess.PIPE)
         try:
             await wait_for(lambda: any(s["online"] for s in statuses), timeout=20, what="online")
             proc.send_signal(signal.SIGTERM)
@@ -43,7 +60,6 @@ async def test_sigterm_stops_the_agent_cleanly_and_says_offline(mosquitto, fleet
         finally:
             if proc.poll() is None:
                 proc.kill()
-            pumper.cancel()
     assert proc.stdout is not None
     with proc.stdout:
         out = proc.stdout.read().decode()
@@ -57,21 +73,8 @@ async def test_sigkill_leaves_a_last_will_that_says_nothing_stale(mosquitto, fle
     """An agent killed outright is reported offline by the broker's copy of its Last Will,
     which names no policy version (fixed at connect, it would go stale after a rollout)."""
     files = write_vehicle(tmp_path, "veh-will", port=mosquitto.port, fleet=fleet)
-    statuses: list[dict] = []
-    async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
-        await client.subscribe("fleet/v1/vehicles/veh-will/status", qos=1)
-
-        async def pump() -> None:
-            async for m in client.messages:
-                if isinstance(m.payload, bytes) and m.payload:
-                    statuses.append(json.loads(m.payload))
-
-        pumper = asyncio.create_task(pump())
-        proc = subprocess.Popen(  # noqa: ASYNC220 - starting it is instant; waits go to a thread
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(files.config_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+    async with _statuses(mosquitto.port, "veh-will") as statuses:
+        proc = _agent(files.config_path, subprocess.DEVNULL)
         try:
             await wait_for(lambda: any(s["online"] for s in statuses), timeout=20, what="online")
             assert statuses[-1]["policy_version"] == 1, "the live status names the policy"
@@ -81,7 +84,6 @@ async def test_sigkill_leaves_a_last_will_that_says_nothing_stale(mosquitto, fle
         finally:
             if proc.poll() is None:
                 proc.kill()
-            pumper.cancel()
     assert statuses[-1]["reasons"] == ["connection_lost"]
     assert statuses[-1]["policy_version"] is None
 
