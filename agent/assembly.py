@@ -13,6 +13,7 @@ from agent.core.trust import Trust
 from agent.daemon import Agent
 from agent.inference.engine import WorkerEngine
 from agent.inference.store import ModelStore, ModelStoreError
+from agent.kit.credentials import CredentialError
 from agent.kit.keyfiles import KeyFileError, load_key_ring, load_signing_key
 from agent.kit.logs import get_logger
 from agent.kit.mqtt import client_tls
@@ -144,13 +145,17 @@ def build_agent(config: AgentConfig, *, clock: Callable[[], float] = time.time) 
     tls = None
     b = config.broker
     if b.tls:
-        try:  # the config's validator guarantees the three files are named
+        try:  # the config's validator guarantees the CA (and the pair, without a login)
             tls = client_tls(b.ca_file, b.cert_file, b.key_file)  # type: ignore[arg-type]
         except (OSError, ssl.SSLError) as exc:
             raise StartupError(
                 f"broker TLS files ({b.ca_file}, {b.cert_file}, {b.key_file}) cannot be used: "
                 f"{exc}; provision them with `edge-fleet provision`"
             ) from None
+    try:
+        b.login()  # read now so that a missing or unsafe password file stops the start
+    except CredentialError as exc:
+        raise StartupError(str(exc)) from None
     emulated = EmulatedVehicle(scenario, started_at=clock(), time_scale=config.vehicle.time_scale)
     agent = Agent(
         config,

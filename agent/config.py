@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.core.schedule import AllowedHours, parse_window
+from agent.kit.credentials import BrokerLogin, load_login
 from agent.kit.mqtt import is_loopback
 from agent.wire.codec import REGEX_ENGINE, exactly
 from agent.wire.topics import VEHICLE_ID_PATTERN
@@ -165,22 +166,52 @@ class BrokerSection(_Section):
     ca_file: Path | None = None
     cert_file: Path | None = None
     key_file: Path | None = None
+    # A login, for a broker that authenticates by user name (certificates stay the default).
+    # The password or token lives alone in a file, e.g. "${CREDENTIALS_DIRECTORY}/broker-password"
+    # under systemd's LoadCredential=; it is read at each connection, never kept in here.
+    username: str | None = Field(default=None, min_length=1, max_length=256)
+    password_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("password", "token", "secret"):
+                if key in data:
+                    raise ValueError(
+                        f"`{key}` is never written in the config (configs end up in backups "
+                        "and bug reports): put it alone in a file only the agent can read and "
+                        'name it with password_file, e.g. "${CREDENTIALS_DIRECTORY}/'
+                        'broker-password" with LoadCredential= in the unit'
+                    )
+        return data
 
     @model_validator(mode="after")
     def _tls_or_local_test(self) -> BrokerSection:
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file needs a username to go with it")
         if self.tls:
-            missing = [k for k in ("ca_file", "cert_file", "key_file") if getattr(self, k) is None]
+            # With a login, the certificate pair is optional (the broker checks the login).
+            wanted = ("ca_file",) if self.username else ("ca_file", "cert_file", "key_file")
+            missing = [k for k in wanted if getattr(self, k) is None]
             if missing:
                 raise ValueError(
                     f"tls = true needs {', '.join(missing)}: the fleet CA, and this vehicle's "
-                    "certificate and key from `edge-fleet provision`"
+                    "certificate and key from `edge-fleet provision` (or a username for a "
+                    "broker that takes a login)"
                 )
+            if (self.cert_file is None) != (self.key_file is None):
+                raise ValueError("cert_file and key_file go together: give both or neither")
         elif not is_loopback(self.host):
             raise ValueError(
                 f"tls = false is only for a test broker on this machine, not {self.host!r}: "
                 "set ca_file, cert_file and key_file and keep tls = true"
             )
         return self
+
+    def login(self) -> BrokerLogin | None:
+        """The login, with its secret read now; CredentialError if it cannot be read."""
+        return load_login(self.username, self.password_file)
 
 
 class KeysSection(_Section):
@@ -336,6 +367,7 @@ _PATH_KEYS = (
     ("broker", "ca_file"),
     ("broker", "cert_file"),
     ("broker", "key_file"),
+    ("broker", "password_file"),
     ("keys", "vehicle_key"),
     ("keys", "trusted_job_keys"),
     ("keys", "trust_policy"),

@@ -29,8 +29,9 @@ from agent.assembly import StartupError, check_file_permissions
 from agent.config import AgentConfig, ConfigError, load_config
 from agent.core.trust import Trust
 from agent.inference.store import ModelStore, ModelStoreError
+from agent.kit.credentials import CredentialError
 from agent.kit.keyfiles import KeyFileError, load_signing_key
-from agent.kit.mqtt import client_tls
+from agent.kit.mqtt import client_tls, permanent_refusal
 from agent.wire.errors import WireError
 from agent.wire.keys import public_b64
 
@@ -207,15 +208,29 @@ def _certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
+def _login(cfg: AgentConfig) -> Iterator[Check]:
+    b = cfg.broker
+    if b.username is None:
+        return
+    try:
+        login = b.login()
+    except CredentialError as exc:
+        yield fail("broker-login", str(exc))
+        return
+    secret = f"a password from {b.password_file}" if login and login.password else "no password"
+    yield ok("broker-login", f"user {b.username!r}, {secret}")
+
+
 def _tls(cfg: AgentConfig, now: float) -> Iterator[Check]:
     b = cfg.broker
     if not b.tls:
         yield ok("tls", f"off (a test broker on this machine, {b.host})")
         return
     assert b.ca_file is not None
-    assert b.cert_file is not None
-    assert b.key_file is not None
     fix = "copy it from the fleet's `edge-fleet provision` folder (docs/install.md)"
+    if b.cert_file is None or b.key_file is None:  # a login instead of a certificate identity
+        yield _file("tls-ca", b.ca_file, "the fleet CA", secret=False, fix=fix)
+        return
     files = [
         _file("tls-ca", b.ca_file, "the fleet CA", secret=False, fix=fix),
         _file("tls-cert", b.cert_file, "the vehicle certificate", secret=False, fix=fix),
@@ -308,6 +323,7 @@ def offline(
     checks.extend(_vehicle_key(cfg, registered))
     checks.extend(_trust(cfg, now))
     checks.extend(_tls(cfg, now))
+    checks.extend(_login(cfg))
     checks.extend(_models(cfg))
     checks.append(_state(cfg))
     return checks, cfg
@@ -324,9 +340,15 @@ async def broker(cfg: AgentConfig, *, timeout_s: float = 5.0) -> Check:
             tls = client_tls(b.ca_file, b.cert_file, b.key_file)  # type: ignore[arg-type]
         except (OSError, ssl.SSLError) as exc:
             return fail("broker", f"cannot build the TLS context: {exc}")
+    try:
+        login = b.login()
+    except CredentialError as exc:
+        return fail("broker", f"not tried: {exc}")
     client = aiomqtt.Client(
         b.host,
         b.port,
+        username=login.username if login else None,
+        password=login.password if login else None,
         identifier=f"{cfg.vehicle.id}-doctor",
         tls_context=tls,
         timeout=timeout_s,
@@ -354,10 +376,18 @@ async def broker(cfg: AgentConfig, *, timeout_s: float = 5.0) -> Check:
             "is ca_file the fleet CA?",
         )
     except (aiomqtt.MqttError, OSError) as exc:
+        refusal = permanent_refusal(exc)
+        if refusal is None:
+            return fail(
+                "broker",
+                f"cannot connect to {where}: {exc}; check [broker] host and port, the network, "
+                "and that the broker runs",
+            )
         return fail(
             "broker",
-            f"cannot connect to {where}: {exc}; check [broker] host and port, the network, "
-            "and that the broker runs",
+            f"{where}: refused by the broker: {refusal}; check [broker] username and "
+            "password_file (or this vehicle's certificate) against the broker's accounts "
+            "and ACL",
         )
     ms = (time.monotonic() - started) * 1000
     return ok(

@@ -63,6 +63,7 @@ from agent.wire.keys import (
 )
 from agent.wire.topics import check_vehicle_id
 from broker import commands, operate
+from broker.access import AccessError, access_from_args, add_broker_options, broker_said
 from broker.argtypes import positive_float, positive_int
 from broker.shipped import MODELS
 
@@ -174,9 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     ps.add_argument("--out", type=Path, required=True, help="the signed policy file")
     pp = polsub.add_parser("publish", help="publish a signed policy, retained")
     pp.add_argument("--policy", type=Path, required=True, help="from `edge-fleet policy sign`")
-    pp.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
-    pp.add_argument("--port", type=int, default=8883, help="(default 8883)")
-    pp.add_argument("--pki", type=Path, help="the fleet PKI folder (mutual TLS)")
+    add_broker_options(pp)
     pp.add_argument(
         "--installed",
         type=Path,
@@ -237,8 +236,7 @@ def _parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--registry", type=Path, required=True, help="vehicles.json: whose results to accept"
     )
-    sv.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8883, help="(default 8883)")
+    add_broker_options(sv)
     sv.add_argument(
         "--max-failures",
         type=positive_int,
@@ -253,12 +251,6 @@ def _parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="SECONDS",
         help="how long a car holds a job without a heartbeat before it goes to another",
-    )
-    sv.add_argument(
-        "--pki",
-        type=Path,
-        help="the folder from `edge-fleet provision`: connect with mutual TLS as the "
-        "fleet-dispatcher identity (without it: plaintext, loopback brokers only)",
     )
     operate.add_serve_options(sv)
     operate.add_commands(sub)
@@ -331,19 +323,12 @@ def _policy_sign(args: argparse.Namespace) -> int:
 
 
 async def _policy_publish(args: argparse.Namespace) -> int:
-    from agent.kit.mqtt import client_tls
     from agent.wire.policy import accept_policy, load_root_policy
     from broker.policy import publish_policy, retained_policy
-    from broker.provision import FleetPki
 
-    if commands.plaintext_refused(args):
-        return ExitCode.USAGE
+    access = access_from_args(args)
     raw = args.policy.read_bytes()
     policy = load_root_policy(raw)  # never publish something no vehicle would take
-    tls = None
-    if args.pki is not None:
-        pki = FleetPki(args.pki)
-        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
     import aiomqtt
 
     try:
@@ -351,7 +336,9 @@ async def _policy_publish(args: argparse.Namespace) -> int:
         # must pass the rules they apply, or it would replace a good policy with one every
         # car refuses.
         anchors = [("installed", args.installed.read_bytes())] if args.installed else []
-        held = await retained_policy(host=args.host, port=args.port, tls=tls)
+        held = await retained_policy(
+            host=access.host, port=access.port, tls=access.tls, login=access.login()
+        )
         if held is not None:
             try:
                 load_root_policy(held)
@@ -374,9 +361,11 @@ async def _policy_publish(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return ExitCode.CONFIG
-        await publish_policy(raw, host=args.host, port=args.port, tls=tls)
+        await publish_policy(
+            raw, host=access.host, port=access.port, tls=access.tls, login=access.login()
+        )
     except aiomqtt.MqttError as exc:
-        print(f"not published: broker {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"not published: broker {access.where}: {broker_said(exc)}", file=sys.stderr)
         return ExitCode.UNAVAILABLE
     print(f"published policy v{policy.version} on {args.host}:{args.port} (retained)")
     return ExitCode.OK
@@ -469,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "broker":
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
             return commands.run_broker(args)
+    except AccessError as exc:
+        print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
     except (KeyFileError, WireError, OSError, commands.QueueError) as exc:
         print(f"edge-fleet {args.command}: {exc}", file=sys.stderr)
         return ExitCode.CONFIG

@@ -21,20 +21,6 @@ from agent.wire.keys import VehicleRegistryFile, ed25519_public, raw_public
 from broker.store import POSTGRES_SCHEMES, JobStore, StoreError, open_store
 from broker.store.jobs import STATES, JobTemplate
 
-
-def plaintext_refused(args: argparse.Namespace) -> bool:
-    """True (and says so) when a fleet tool is asked to talk plaintext to a remote broker."""
-    from agent.kit.mqtt import is_loopback
-
-    if args.pki is None and not is_loopback(args.host):
-        print(
-            f"refusing plaintext to {args.host}: give --pki (see edge-fleet provision)",
-            file=sys.stderr,
-        )
-        return True
-    return False
-
-
 QueueError = StoreError  # the name the command line has always caught
 
 
@@ -138,12 +124,12 @@ async def submit(args: argparse.Namespace) -> int:
 
 
 async def serve(args: argparse.Namespace) -> int:
-    if plaintext_refused(args):
-        return ExitCode.USAGE
+    from broker.access import access_from_args
     from broker.collector import Collector
     from broker.fleet import FleetNode
     from broker.metrics import FleetMetrics
 
+    access = access_from_args(args)  # before anything is opened: bad options change nothing
     registry = parse_model(
         args.registry.read_bytes(),
         VehicleRegistryFile,
@@ -155,22 +141,16 @@ async def serve(args: argparse.Namespace) -> int:
         vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
         requester_key=load_requester_key(args.requester_key),
     )
-    tls = None
-    if args.pki is not None:
-        from agent.kit.mqtt import client_tls
-        from broker.provision import FleetPki
-
-        pki = FleetPki(args.pki)
-        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
     metrics = FleetMetrics(registry=None)
     if args.metrics_port is not None:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_host, registry=metrics.registry)
     node = FleetNode(
-        tls=tls,
-        host=args.host,
-        port=args.port,
+        tls=access.tls,
+        host=access.host,
+        port=access.port,
+        login=access.login,
         store=store,
         signing_key=load_signing_key(args.job_key),
         collector=collector,

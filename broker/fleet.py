@@ -31,8 +31,15 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.kit.backoff import ReconnectBackoff
+from agent.kit.credentials import BrokerLogin
 from agent.kit.logs import get_logger
-from agent.kit.mqtt import NO_DELAY, forget_stale_cancellations, publish_acked
+from agent.kit.mqtt import (
+    NO_DELAY,
+    forget_stale_cancellations,
+    on_connack,
+    permanent_refusal,
+    publish_acked,
+)
 from agent.wire import envelope
 from agent.wire.bundle import encode_result_body, sign_job_bundle
 from agent.wire.codec import dump_model, parse_model
@@ -105,8 +112,11 @@ class FleetNode:
         wake_tick_s: float = 0.5,
         reap_after_s: float = 10.0,
         metrics: FleetMetrics | None = None,
+        login: Callable[[], BrokerLogin | None] = lambda: None,
     ) -> None:
         self._tls = tls
+        self._login = login  # read at each connection: a rotated password counts next time
+        self.sharing = True  # False on a broker without shared subscriptions (one node only)
         self._bundle_from_bytes = bundle_from_bytes  # jobs with this much input go as bundles
         self.host, self.port = host, port
         self.store = store
@@ -131,6 +141,7 @@ class FleetNode:
         self.refused: Counter[str] = Counter()
         self.hints: Counter[str] = Counter()
         self.reconnects = 0
+        self.refusal: str | None = None  # the broker's last permanent refusal, until connected
         self.client_id = f"fleet-{self._issuer}-{node}"
         self._connected_client: aiomqtt.Client | None = None
         self.peers = Peers(
@@ -141,14 +152,18 @@ class FleetNode:
             port=port,
             tls=tls,
             reap_after_s=reap_after_s,
+            login=login,
         )
 
     def _client(self) -> aiomqtt.Client:
         props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         props.SessionExpiryInterval = self._session_expiry_s
-        return aiomqtt.Client(
+        login = self._login()
+        client = aiomqtt.Client(
             self.host,
             self.port,
+            username=login.username if login else None,
+            password=login.password if login else None,
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             will=self.peers.will(),
@@ -158,6 +173,51 @@ class FleetNode:
             socket_options=NO_DELAY,
             tls_context=self._tls,
         )
+        on_connack(client, self._offered)
+        return client
+
+    def _offered(self, props: Properties | None) -> None:
+        """What the broker's CONNACK says it supports (MQTT 5 properties, absent = default)."""
+        sharing = getattr(props, "SharedSubscriptionAvailable", 1) != 0
+        if not sharing and self.sharing:
+            self._log.warning(
+                "shared_subscriptions_unavailable",
+                what="the broker has no shared subscriptions: this node subscribes to all the "
+                "vehicles' messages itself. Run ONE fleet node against this broker; a second "
+                "would handle every message again",
+            )
+        self.sharing = sharing
+        granted = getattr(props, "SessionExpiryInterval", self._session_expiry_s)
+        if granted < self._session_expiry_s:
+            self._log.warning(
+                "session_expiry_cut",
+                asked_s=self._session_expiry_s,
+                granted_s=granted,
+                what="the broker keeps this node's messages only that long while it is away; "
+                "results sent meanwhile are lost to it, and their jobs run again when the "
+                "leases run out",
+            )
+
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        if not self.sharing:
+            # Every message comes once, with no subscription identifier: statuses are
+            # both viewed and acted on (see _receive).
+            await client.subscribe(
+                [(all_vehicles(channel), 1) for channel in _SHARED] + [(self.peers.filter, 1)]
+            )
+            return
+        # One SUBSCRIBE for all the work: a result published the moment this connection is
+        # back is not missed between separate subscriptions. Statuses twice, told apart by
+        # subscription identifier: shared (one node acts on a car going offline) and whole
+        # (this node's view).
+        await client.subscribe(
+            [(shared(self.group, channel), 1) for channel in _SHARED],
+            properties=_subscription_id(SHARED_ID),
+        )
+        await client.subscribe(
+            [(all_vehicles(Channel.STATUS), 1), (self.peers.filter, 1)],
+            properties=_subscription_id(VIEW_ID),
+        )
 
     async def run(self) -> None:
         """Serve until cancelled, reconnecting (capped backoff, full jitter) when the broker goes."""
@@ -166,21 +226,11 @@ class FleetNode:
             try:
                 async with self._client() as client:
                     self._connected_client = client
-                    # One SUBSCRIBE for all the work: a result published the moment this
-                    # connection is back is not missed between separate subscriptions.
-                    # Statuses twice, told apart by subscription identifier: shared (one
-                    # node acts on a car going offline) and whole (this node's view).
-                    await client.subscribe(
-                        [(shared(self.group, channel), 1) for channel in _SHARED],
-                        properties=_subscription_id(SHARED_ID),
-                    )
-                    await client.subscribe(
-                        [(all_vehicles(Channel.STATUS), 1), (self.peers.filter, 1)],
-                        properties=_subscription_id(VIEW_ID),
-                    )
+                    await self._subscribe(client)
                     await self.peers.announce(client)
                     self.ready.set()
                     self.metrics.connected.set(1)
+                    self.refusal = None
                     backoff.connected(time.monotonic())
                     async with asyncio.TaskGroup() as tg:
                         tg.create_task(self._receive(client), name="fleet-receiver")
@@ -191,7 +241,20 @@ class FleetNode:
                 self.ready.clear()
                 self.metrics.connected.set(0)
                 self.reconnects += 1
-                self._log.warning("fleet_disconnected", reason=str(group.exceptions[0]))
+                exc = group.exceptions[0]
+                refusal = permanent_refusal(exc)
+                if refusal is not None:
+                    self.refusal = refusal
+                    self.metrics.broker_refusals.labels(reason=refusal).inc()
+                    self._log.error(
+                        "refused_by_broker",
+                        reason=refusal,
+                        what="fix the login, the client id or the broker's ACL; retrying at "
+                        "the backoff's cap",
+                    )
+                    backoff.refused()
+                else:
+                    self._log.warning("fleet_disconnected", reason=str(exc))
             forget_stale_cancellations()
             await asyncio.sleep(backoff.next_delay(time.monotonic()))
 

@@ -46,6 +46,11 @@ def mosquitto_binary() -> str:
     return found
 
 
+def _passwd_binary() -> str:
+    """mosquitto_passwd, from the same package as the broker."""
+    return shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+
+
 class LocalMosquitto:
     """A mosquitto process of our own, listening on 127.0.0.1:`port`."""
 
@@ -57,10 +62,17 @@ class LocalMosquitto:
         pki: FleetPki | None = None,
         host: str = "127.0.0.1",
         persistence: bool | None = None,
+        logins: dict[str, str] | None = None,
     ) -> None:
         """Plaintext on loopback, or with `pki`: TLS with client certificates and the ACL
         (which may listen beyond loopback, on `host`). `persistence` (on by default with
-        `pki`) keeps retained messages and offline sessions across a restart, in `workdir`."""
+        `pki`) keeps retained messages and offline sessions across a restart, in `workdir`.
+        `logins` (user -> password; plaintext only) turns anonymous clients away."""
+        if logins and pki is not None:
+            raise BrokerError(
+                "logins are for the plaintext test broker; the TLS one uses certificates"
+            )
+        self.logins = dict(logins or {})
         if pki is None and not is_loopback(host):
             raise BrokerError(f"a plaintext broker listens on loopback only, not {host}")
         self.workdir = workdir
@@ -88,6 +100,7 @@ class LocalMosquitto:
                     log_file=self.log_file,
                     user_line=_user_line(),
                     persistence=persistence,
+                    auth=self._password_file() if self.logins else "allow_anonymous true",
                 )
             )
         else:
@@ -138,6 +151,20 @@ class LocalMosquitto:
                 time.sleep(0.02)
         self.stop()
         raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} in {timeout_s} s")
+
+    def _password_file(self) -> str:
+        """The users of `logins`, hashed by mosquitto_passwd, and no anonymous clients."""
+        path = self.workdir / "passwords"
+        path.unlink(missing_ok=True)
+        for user, password in self.logins.items():
+            flags = ["-b"] if path.exists() else ["-c", "-b"]
+            subprocess.run(
+                [_passwd_binary(), *flags, str(path), user, password],
+                check=True,
+                capture_output=True,
+            )
+        path.chmod(0o600)
+        return f"allow_anonymous false\npassword_file {path}"
 
     def stop(self) -> None:
         proc, self._proc = self._proc, None

@@ -39,6 +39,13 @@ class FleetMetrics:
             ["channel", "reason"],
             registry=r,
         )
+        self.broker_refusals = Counter(
+            "edge_fleet_broker_refusals",
+            "Connections the broker refused for good (bad login, not authorized, banned), "
+            "by reason",
+            ["reason"],
+            registry=r,
+        )
         self.hints = Counter("edge_fleet_work_hints", "Work hints sent", ["kind"], registry=r)
         self.queue = Gauge(
             "edge_fleet_queue_jobs", "Jobs in the store by state", ["state"], registry=r

@@ -11,21 +11,11 @@ import time
 from pathlib import Path
 
 from agent.kit.exitcodes import ExitCode
+from broker.access import BrokerAccess, access_from_args, add_broker_options, broker_said
 from broker.argtypes import non_negative, positive_int
 from broker.shipped import SCENARIOS
 
 COMMANDS = ("queue", "vehicles", "simulate")
-
-
-def _broker_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8883, help="(default 8883)")
-    p.add_argument(
-        "--pki",
-        type=Path,
-        help="the folder from `edge-fleet provision` (mutual TLS); without it: plaintext, "
-        "loopback brokers only",
-    )
 
 
 def add_serve_options(sv: argparse.ArgumentParser) -> None:
@@ -80,7 +70,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     q.add_argument("--json", action="store_true", help="one JSON object instead of text")
 
     v = sub.add_parser("vehicles", help="every car's retained status, as the broker holds it")
-    _broker_options(v)
+    add_broker_options(v)
     v.add_argument("--json", action="store_true", help="one JSON object instead of a table")
     v.add_argument(
         "--wait",
@@ -93,7 +83,7 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     s = sub.add_parser(
         "simulate", help="N virtual cars on the real wire, for load tests (not the agent)"
     )
-    _broker_options(s)
+    add_broker_options(s)
     s.add_argument("--vehicles", type=positive_int, required=True, help="how many cars")
     s.add_argument(
         "--trusted-keys", type=Path, required=True, help="the job keys the cars trust (keygen)"
@@ -144,18 +134,15 @@ def run(args: argparse.Namespace) -> int:
         from broker.commands import queue_summary
 
         return asyncio.run(queue_summary(args))
-    from broker.commands import plaintext_refused
-
-    if plaintext_refused(args):
-        return ExitCode.USAGE
+    access = access_from_args(args)
     if args.command == "vehicles":
-        return asyncio.run(_vehicles(args))
+        return asyncio.run(_vehicles(args, access))
     from broker.sim.fleet import simulate_command
 
-    return simulate_command(args)
+    return simulate_command(args, access)
 
 
-async def _vehicles(args: argparse.Namespace) -> int:
+async def _vehicles(args: argparse.Namespace, access: BrokerAccess) -> int:
     import aiomqtt
 
     from agent.wire.codec import parse_model
@@ -163,21 +150,11 @@ async def _vehicles(args: argparse.Namespace) -> int:
     from agent.wire.messages import VehicleStatus
     from agent.wire.topics import Channel, all_vehicles, parse_topic
 
-    tls = None
-    if args.pki is not None:
-        from agent.kit.mqtt import client_tls
-        from broker.provision import FleetPki
-
-        pki = FleetPki(args.pki)
-        tls = client_tls(pki.ca, pki.fleet.cert, pki.fleet.key)
     seen: dict[str, dict[str, object]] = {}
     try:
-        async with aiomqtt.Client(
-            args.host,
-            args.port,
+        async with access.client(
             identifier=f"fleet-view-{time.time_ns()}",
             protocol=aiomqtt.ProtocolVersion.V5,
-            tls_context=tls,
             timeout=10,
         ) as client:
             await client.subscribe(all_vehicles(Channel.STATUS), 1)
@@ -212,7 +189,10 @@ async def _vehicles(args: argparse.Namespace) -> int:
             except TimeoutError:
                 pass
     except aiomqtt.MqttError as exc:
-        print(f"edge-fleet vehicles: cannot reach the broker: {exc}", file=sys.stderr)
+        print(
+            f"edge-fleet vehicles: cannot reach the broker {access.where}: {broker_said(exc)}",
+            file=sys.stderr,
+        )
         return ExitCode.UNAVAILABLE
     if args.json:
         print(json.dumps({"vehicles": dict(sorted(seen.items()))}))

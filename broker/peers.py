@@ -24,6 +24,7 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.kit.credentials import BrokerLogin
 from agent.kit.logs import get_logger
 from agent.kit.mqtt import NO_DELAY, publish_acked
 
@@ -46,10 +47,11 @@ class Peers:
         port: int,
         tls: ssl.SSLContext | None,
         reap_after_s: float,
+        login: Callable[[], BrokerLogin | None] = lambda: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.group, self.node, self.client_id = group, node, client_id
-        self._host, self._port, self._tls = host, port, tls
+        self._host, self._port, self._tls, self._login = host, port, tls, login
         self.reap_after_s = reap_after_s
         self._clock = clock
         self.gone_since: dict[str, tuple[float, str]] = {}  # peer -> (since, its client id)
@@ -111,10 +113,13 @@ class Peers:
     async def _end_session(self, node: str, client_id: str) -> None:
         connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect.SessionExpiryInterval = 0
+        login = self._login()
         try:
             async with aiomqtt.Client(
                 self._host,
                 self._port,
+                username=login.username if login else None,
+                password=login.password if login else None,
                 identifier=client_id,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 clean_start=True,

@@ -17,6 +17,7 @@ import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from agent.kit.credentials import BrokerLogin
 from agent.kit.mqtt import NO_DELAY, publish_acked
 from agent.wire.keys import key_id, raw_public
 from agent.wire.policy import DelegatedKey, RequesterKey, TrustPolicy, sign_policy, trusted_key
@@ -70,7 +71,13 @@ def signed_policy(policy: TrustPolicy, signers: Sequence[Ed25519PrivateKey]) -> 
 
 
 async def publish_policy(
-    raw: bytes, *, host: str, port: int, tls: ssl.SSLContext | None, identifier: str = ""
+    raw: bytes,
+    *,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    identifier: str = "",
+    login: BrokerLogin | None = None,
 ) -> None:
     """Publish `raw` retained on the policy topic (QoS 1: returns once the broker has it)."""
     async with aiomqtt.Client(
@@ -80,17 +87,30 @@ async def publish_policy(
         tls_context=tls,
         socket_options=NO_DELAY,
         timeout=10,
+        username=login.username if login else None,
+        password=login.password if login else None,
     ) as client:
         await publish_acked(client, POLICY_TOPIC, raw, retain=True)
 
 
 async def retained_policy(
-    *, host: str, port: int, tls: ssl.SSLContext | None, wait_s: float = 2.0
+    *,
+    host: str,
+    port: int,
+    tls: ssl.SSLContext | None,
+    wait_s: float = 2.0,
+    login: BrokerLogin | None = None,
 ) -> bytes | None:
     """The policy retained on the broker now (what every car takes as its next anchor), or
     None when none is retained. The broker sends a retained message right after SUBACK."""
     async with aiomqtt.Client(
-        host, port, tls_context=tls, socket_options=NO_DELAY, timeout=10
+        host,
+        port,
+        tls_context=tls,
+        socket_options=NO_DELAY,
+        timeout=10,
+        username=login.username if login else None,
+        password=login.password if login else None,
     ) as c:
         await c.subscribe(POLICY_TOPIC, qos=1)
         try:

@@ -46,7 +46,8 @@ BAD_CASES = [
     pytest.param(
         ("tls = false", "tls = true"),
         "`broker`: tls = true needs ca_file, cert_file, key_file: the fleet CA, and this "
-        "vehicle's certificate and key from `edge-fleet provision`",
+        "vehicle's certificate and key from `edge-fleet provision` (or a username for a broker "
+        "that takes a login)",
         id="tls-without-files",
     ),
     pytest.param(

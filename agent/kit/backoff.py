@@ -27,6 +27,7 @@ class ReconnectBackoff:
     rng: random.Random = field(default_factory=random.Random)
     _attempt: int = 0
     _connected_at: float | None = None
+    _refused: bool = False
 
     def connected(self, now: float) -> None:
         """A connection is up (CONNACK and subscriptions done) at `now`."""
@@ -35,12 +36,23 @@ class ReconnectBackoff:
     def next_delay(self, now: float) -> float:
         """The wait before the next attempt, after a connection ended or failed at `now`."""
         up_since, self._connected_at = self._connected_at, None
+        if self._refused:  # jitter in the upper half: a refused fleet does not knock at once
+            self._refused = False
+            return self.rng.uniform(self.cap_s / 2, self.cap_s)
         if up_since is not None and now - up_since >= self.healthy_after_s:
             self._attempt = 0
         ceiling = self.ceiling_s
         if ceiling < self.cap_s:
             self._attempt += 1
         return self.rng.uniform(0.0, ceiling)
+
+    def refused(self) -> None:
+        """The peer refused us for good (a bad login, banned): no retry soon will change
+        that, so the next delays start at the cap, and only a healthy connection resets it."""
+        while self.ceiling_s < self.cap_s:
+            self._attempt += 1
+        self._connected_at = None
+        self._refused = True
 
     @property
     def ceiling_s(self) -> float:

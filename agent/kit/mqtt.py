@@ -24,15 +24,18 @@ if TYPE_CHECKING:
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
-def client_tls(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+def client_tls(
+    ca_file: Path, cert_file: Path | None = None, key_file: Path | None = None
+) -> ssl.SSLContext:
     """TLS 1.2+ with the fleet CA as the only trust anchor, the broker's name checked, and
-    this client's certificate presented. Never a plaintext fallback: the caller connects with
-    this context or not at all."""
+    this client's certificate presented (without one, a broker that takes a login instead).
+    Never a plaintext fallback: the caller connects with this context or not at all."""
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.check_hostname = True
     ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_cert_chain(str(cert_file), str(key_file))
+    if cert_file is not None and key_file is not None:
+        ctx.load_cert_chain(str(cert_file), str(key_file))
     return ctx
 
 
@@ -143,3 +146,50 @@ def on_disconnect_reason(client: aiomqtt.Client, callback: Callable[[int], None]
             inner(c, userdata, flags, reason_code, properties)
 
     paho.on_disconnect = hooked
+
+
+# CONNACK reason codes that no retry changes (MQTT 5 section 3.2.2.2; MQTT 3.1.1 return codes
+# 1, 2, 4 and 5 are their older forms). Anything else (server unavailable or busy, quota or
+# connection rate exceeded, a lost socket) is an outage and is retried as one.
+PERMANENT_REFUSALS: dict[int, str] = {
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+}
+_MQTT311_REFUSALS = {1: 0x84, 2: 0x85, 4: 0x86, 5: 0x87}
+
+
+def permanent_refusal(exc: BaseException) -> str | None:
+    """The reason when `exc` is the broker refusing this client for good (bad login, not
+    authorized, banned, client id not valid); None for anything a retry may mend."""
+    from aiomqtt.exceptions import MqttConnectError
+
+    if not isinstance(exc, MqttConnectError):
+        return None
+    rc = exc.rc
+    if isinstance(rc, int) and not hasattr(rc, "value"):
+        code = _MQTT311_REFUSALS.get(rc, -1)
+    else:
+        code = int(getattr(rc, "value", -1))
+    return PERMANENT_REFUSALS.get(code)
+
+
+def on_connack(client: aiomqtt.Client, callback: Callable[[Any], None]) -> None:
+    """Give `callback` the CONNACK's MQTT 5 properties (None when there are none) of each
+    successful connection, before aiomqtt handles it: what the broker offers (shared
+    subscriptions, the session expiry it grants). Chains paho's public `on_connect` on
+    `client._client`, like `on_disconnect_reason`."""
+    paho = client._client
+    inner: Any = paho.on_connect
+
+    def hooked(c: Any, userdata: Any, flags: Any, reason_code: Any, properties: Any = None) -> None:
+        if not getattr(reason_code, "is_failure", False):
+            with contextlib.suppress(Exception):
+                callback(properties)
+        if inner is not None:
+            inner(c, userdata, flags, reason_code, properties)
+
+    paho.on_connect = hooked

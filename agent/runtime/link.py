@@ -28,12 +28,14 @@ from paho.mqtt.properties import Properties
 from agent.config import AgentConfig
 from agent.core.admission import HeldModel
 from agent.kit.backoff import ReconnectBackoff
+from agent.kit.credentials import CredentialError
 from agent.kit.mqtt import (
     NO_DELAY,
     SESSION_TAKEN_OVER,
     forget_stale_cancellations,
     guard_packet_size,
     on_disconnect_reason,
+    permanent_refusal,
     publish_acked,
 )
 from agent.runtime.outbox import Outbox
@@ -179,9 +181,12 @@ class Link:
             update={"reasons": ("connection_lost",), "gate_open": False, "policy_version": None}
         )
         b = self._config().broker
+        login = b.login()  # read at each connection: a rotated password counts next time
         return aiomqtt.Client(
             b.host,
             b.port,
+            username=login.username if login else None,
+            password=login.password if login else None,
             identifier=f"vehicle-{self.vehicle_id}",
             protocol=aiomqtt.ProtocolVersion.V5,
             keepalive=b.keepalive_s,
@@ -226,8 +231,17 @@ class Link:
                         tg.create_task(self._publish_statuses(client), name="status-publisher")
                         tg.create_task(self._heartbeat(client), name="job-heartbeat")
             except* aiomqtt.MqttError as group:
-                self._failed(str(group.exceptions[0]))
+                refusal = permanent_refusal(group.exceptions[0])
+                if refusal is None:
+                    self._failed(str(group.exceptions[0]))
+                else:
+                    self._refused(refusal)
+                    backoff.refused()
                 forget_stale_cancellations()
+            except* CredentialError as group:  # the password file went missing or unsafe
+                self._rec.log("error", "broker_login_unreadable", reason=str(group.exceptions[0]))
+                self.last_error, self.last_error_at = str(group.exceptions[0]), self._clock()
+                backoff.refused()
             finally:
                 self.connected_at = None
                 self._rec.metrics.connected.set(0)
@@ -240,6 +254,18 @@ class Link:
                 delay = max(delay, TAKEN_OVER_BACKOFF_S)  # do not fight the other connection
             self._rec.note("reconnects", "reconnect_wait", delay_s=round(delay, 2))
             await asyncio.sleep(delay)
+
+    def _refused(self, reason: str) -> None:
+        """The broker refused this car for good: not an outage, and no retry soon mends it."""
+        self._rec.metrics.broker_refusals.labels(reason=reason).inc()
+        self._rec.log(
+            "error",
+            "refused_by_broker",
+            reason=reason,
+            what="fix [broker] username / password_file, this vehicle's certificate, or the "
+            "broker's ACL; retrying at the backoff's cap",
+        )
+        self.last_error, self.last_error_at = f"refused by the broker: {reason}", self._clock()
 
     def _note_disconnect_reason(self, code: int) -> None:
         self._disconnect_reason = code

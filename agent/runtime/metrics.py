@@ -57,6 +57,7 @@ class AgentMetrics:
         self.state_write_failures: Counter | _Off = OFF
         self.duty: Gauge | _Off = OFF
         self.connected: Gauge | _Off = OFF
+        self.broker_refusals: Counter | _Off = OFF
         if enabled:
             self._build()
 
@@ -110,6 +111,13 @@ class AgentMetrics:
         self.state_write_failures = Counter(
             "edge_agent_state_write_failures",
             "Writes to the state disk that failed (full or failing disk)",
+            registry=r,
+        )
+        self.broker_refusals = Counter(
+            "edge_agent_broker_refusals",
+            "Connections the broker refused for good (bad login, not authorized, banned, "
+            "client id not valid), by reason",
+            ["reason"],
             registry=r,
         )
         self.duty = Gauge("edge_agent_duty", "Power governor duty cycle", registry=r)

@@ -117,7 +117,10 @@ class Settings:
     time_scale: float
     model: ModelHeld
     work_request_interval_s: float = 2.0
-    pki: Path | None = None
+    pki: Path | None = None  # each car's own certificate (mutual TLS)
+    ca_file: Path | None = None  # or TLS with no client certificate, and a login
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 class SimVehicle:
@@ -177,9 +180,10 @@ class SimVehicle:
         )
 
     def _tls(self) -> ssl.SSLContext | None:
-        if self.s.pki is None:
-            return None
         from agent.kit.mqtt import client_tls
+
+        if self.s.pki is None:
+            return client_tls(self.s.ca_file) if self.s.ca_file is not None else None
         from broker.provision import FleetPki
 
         pki = FleetPki(self.s.pki)
@@ -208,6 +212,8 @@ class SimVehicle:
                     timeout=30,
                     socket_options=NO_DELAY,
                     tls_context=self._tls(),
+                    username=self.s.username,
+                    password=self.s.password,
                     max_queued_incoming_messages=64,
                 ) as client:
                     self._client = client

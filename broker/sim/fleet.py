@@ -18,6 +18,7 @@ from agent.wire.keys import (
 from agent.wire.messages import (
     ModelHeld,
 )
+from broker.access import BrokerAccess
 from broker.sim.car import (
     PHASES,
     Meter,
@@ -129,7 +130,7 @@ def summarize(meter: Meter) -> dict[str, object]:
     }
 
 
-def simulate_command(args: argparse.Namespace) -> int:
+def simulate_command(args: argparse.Namespace, access: BrokerAccess) -> int:
     trusted = args.trusted_keys.read_bytes()
     KeyRing.from_file(trusted, str(args.trusted_keys))  # refused here, named, if it is wrong
     ids = vehicle_ids(args.prefix, args.vehicles)
@@ -147,6 +148,9 @@ def simulate_command(args: argparse.Namespace) -> int:
         time_scale=args.time_scale,
         model=digits_model(),
         pki=args.pki,
+        ca_file=args.ca_file,
+        username=access.username,
+        password=login.password if (login := access.login()) else None,
     )
     meter = run_split(ids, settings, args.scenarios, args.duration, args.processes, args.ready_file)
     report = summarize(meter)

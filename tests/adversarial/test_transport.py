@@ -275,15 +275,19 @@ async def test_a_flood_of_jobs_is_bounded_and_every_job_answered(
 
 
 async def test_an_oversized_message_never_reaches_the_agent(secure_broker, pki, fleet, tmp_path):
-    """The agent announces its maximum packet size (MQTT 5): the broker does not forward a 3 MB
-    message to it, so the agent never buffers it; the connection stays up and it keeps serving."""
+    """A 3 MB message towards a car that announced a smaller Maximum Packet Size (MQTT 5) is
+    never buffered by the agent, whatever the broker does with it. Mosquitto drops it; a broker
+    that forwards it anyway (ejabberd 23.01 does) meets the agent's own guard, which hangs up
+    before reading the body and reconnects (tests/adversarial/test_hostile_broker.py pins
+    that path). Either way, nothing is parsed and the next job is served."""
     files = write_vehicle(tmp_path, "veh-a", port=secure_broker.port, fleet=fleet, pki=pki)
     async with observing(secure_broker.port, "veh-a", pki) as obs, running_agent(files) as agent:
         await obs.send_job(b"{" + b" " * (3 * 1024 * 1024) + b"}")
         await obs.send_job(signed(job_spec(fleet, "veh-a", job_id="job-after"), fleet.job_key))
         await wait_for(lambda: "succeeded" in obs.kinds("job-after"), what="next job served")
-        assert agent.counts["rejected"] == 0, "the big message never arrived to be rejected"
-        assert agent.counts["reconnects"] == 0
+        assert agent.counts["rejected"] == 0, "the big message was never read to be rejected"
+        # Dropped by the broker (no reconnect), or refused by the guard (counted, reconnected).
+        assert agent.counts["reconnects"] == agent.counts["oversized_packets"]
 
 
 @pytest.mark.timeout(120)
