@@ -9,6 +9,7 @@
 #   make models  regenerate the shipped models (needs the models extra)
 #   make deb     the .deb packages (Debian 12 and 13, amd64 and arm64) into dist/deb/
 #   make rig-test  the packages installed in booted Debian containers, README step by step (root)
+#   make interop   the demo and an agent-and-fleet run against ejabberd's MQTT broker (root)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -16,7 +17,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lint bench soak mutants models mosquitto postgresql clean deb rig-test rig-tools scale
+.PHONY: setup test demo lint bench soak mutants models mosquitto postgresql clean deb rig-test rig-tools scale interop ejabberd
 
 setup: mosquitto $(STAMP)
 
@@ -109,6 +110,18 @@ rig-tools:
 rig-test: setup rig-tools
 	$(MAKE) deb DEB_TARGETS="bookworm:amd64 trixie:amd64 bookworm:arm64"
 	$(BIN)/python -m tests.rig.run
+
+# A second MQTT implementation: ejabberd's mod_mqtt (Debian 12 has 23.01). The tests start a
+# private server on a free loopback port; nothing of a system ejabberd is touched.
+ejabberd:
+	@if command -v ejabberdctl >/dev/null || [ -x /usr/sbin/ejabberdctl ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing ejabberd with apt-get"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends ejabberd >/dev/null; \
+	else echo "run as root: make interop installs ejabberd and runs it as its own user"; exit 1; fi
+
+interop: setup ejabberd
+	$(BIN)/pytest -q -m interop tests/interop
 
 clean:
 	rm -rf $(VENV) mutants demo-run demo-report.json dist .pytest_cache .mypy_cache .ruff_cache

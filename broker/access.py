@@ -35,9 +35,15 @@ class _NeverInline(argparse.Action):
         )
 
 
-def add_broker_options(p: argparse.ArgumentParser, *, port: int = 8883) -> None:
-    p.add_argument("--host", default="127.0.0.1", help="the broker (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=port, help=f"(default {port})")
+def add_broker_options(
+    p: argparse.ArgumentParser, *, port: int | None = 8883, host: str | None = "127.0.0.1"
+) -> None:
+    if host is None:  # the demo: by default it starts a broker of its own
+        p.add_argument("--host", help="run against this existing broker, not a private mosquitto")
+        p.add_argument("--port", type=int, help="its port (default 1883, or 8883 with TLS)")
+    else:
+        p.add_argument("--host", default=host, help=f"the broker (default {host})")
+        p.add_argument("--port", type=int, default=port, help=f"(default {port})")
     p.add_argument(
         "--pki",
         type=Path,
@@ -74,6 +80,8 @@ class BrokerAccess:
     username: str | None = None
     password_file: Path | None = None
     password_credential: str | None = None
+    pki: Path | None = None  # how `tls` was made: the fleet PKI folder (mutual TLS) ...
+    ca_file: Path | None = None  # ... or a CA alone (TLS and a login)
 
     @property
     def where(self) -> str:
@@ -130,6 +138,8 @@ def access_from_args(args: argparse.Namespace) -> BrokerAccess:
         username=args.username,
         password_file=args.password_file,
         password_credential=args.password_credential,
+        pki=args.pki,
+        ca_file=args.ca_file,
     )
     try:
         access.login()  # a missing or unreadable secret is told now, not at the first connect

@@ -85,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="a plaintext loopback broker instead of mutual TLS with the ACL",
     )
+    add_broker_options(demo, host=None, port=None)
     br = sub.add_parser("broker", help="run a local mosquitto until Ctrl-C")
     br.add_argument("--port", type=int, default=1883, help="(default 1883; 8883 is usual for TLS)")
     br.add_argument(
@@ -432,8 +433,22 @@ def main(argv: list[str] | None = None) -> int:
         from broker.demo import main as demo_main
 
         logs.configure(json=False, level=logging.WARNING)
+        external = None
+        if args.host is not None or args.port is not None:
+            tls = args.pki is not None or args.ca_file is not None
+            args.host = args.host or "127.0.0.1"
+            args.port = args.port or (8883 if tls else 1883)
+            try:
+                external = access_from_args(args)
+            except AccessError as exc:
+                print(f"edge-fleet demo: {exc}", file=sys.stderr)
+                return ExitCode.USAGE
         return demo_main(
-            jobs=args.jobs, out=args.report, workdir=args.workdir, secure=not args.plaintext
+            jobs=args.jobs,
+            out=args.report,
+            workdir=args.workdir,
+            secure=not args.plaintext,
+            external=external,
         )
     logs.configure(json=False)
     try:

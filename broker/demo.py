@@ -25,11 +25,13 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+from agent.kit.credentials import credential_path
 from agent.kit.keyfiles import load_signing_key, write_private_key
 from agent.kit.mqtt import client_tls
 from agent.wire.keys import raw_public
 from agent.wire.messages import Limits, ModelRef
 from agent.wire.tensors import Tensor
+from broker.access import BrokerAccess
 from broker.agent_config import agent_toml
 from broker.collector import Collector
 from broker.fleet import FleetNode
@@ -55,7 +57,9 @@ VEHICLES = (
 )
 
 
-def _vehicle_config(d: Path, v: DemoVehicle, port: int, pki: FleetPki | None) -> Path:
+def _vehicle_config(
+    d: Path, v: DemoVehicle, port: int, pki: FleetPki | None, external: BrokerAccess | None
+) -> Path:
     path = d / "agent.toml"
     path.write_text(
         agent_toml(
@@ -64,11 +68,52 @@ def _vehicle_config(d: Path, v: DemoVehicle, port: int, pki: FleetPki | None) ->
             pki=pki,
             scenario=SCENARIOS / (v.scenario + ".toml"),
             models=MODELS,
-            settings={"agent": {"capacity": 8, "work_request_interval_s": 0.5}},
+            settings={
+                "agent": {"capacity": 8, "work_request_interval_s": 0.5},
+                **({"broker": _external_broker(external, v, pki)} if external else {}),
+            },
             header=f"Written by the demo for {v.vehicle_id}.",
         )
     )
     return path
+
+
+def _external_broker(
+    external: BrokerAccess, v: DemoVehicle, pki: FleetPki | None
+) -> dict[str, object | None]:
+    """A car's [broker] keys for a broker the demo did not start: its certificate from the
+    PKI, or the fleet's login (the demo's cars share it; a real fleet gives each its own)."""
+    if pki is not None:
+        identity = pki.vehicle(v.vehicle_id)
+        if not identity.cert.is_file():
+            cars = " ".join(f"--vehicle {x.vehicle_id}" for x in VEHICLES)
+            raise DemoError(
+                f"the PKI in {external.pki} has no certificate for {v.vehicle_id}: run "
+                f"`edge-fleet provision --dir {external.pki} {cars} --host {external.host}`"
+            )
+        return {
+            "tls": True,
+            "host": external.host,
+            "port": external.port,
+            "ca_file": str(pki.ca),
+            "cert_file": str(identity.cert),
+            "key_file": str(identity.key),
+        }
+    secret = external.password_file
+    if external.password_credential is not None:
+        secret = credential_path(external.password_credential)
+    return {
+        "tls": external.ca_file is not None,
+        "host": external.host,
+        "port": external.port,
+        "ca_file": str(external.ca_file.resolve()) if external.ca_file else None,
+        "username": external.username,
+        "password_file": str(secret.resolve()) if secret else None,
+    }
+
+
+class DemoError(Exception):
+    """The demo cannot run as asked; the message says what to do."""
 
 
 async def _serve_until_done(
@@ -87,8 +132,14 @@ async def _serve_until_done(
 
 
 def run_demo(
-    workdir: Path, *, jobs: int, timeout_s: float, secure: bool = True
+    workdir: Path,
+    *,
+    jobs: int,
+    timeout_s: float,
+    secure: bool = True,
+    external: BrokerAccess | None = None,
 ) -> dict[str, object]:
+    """The demo on a private mosquitto, or with `external` on a broker already running."""
     workdir = workdir.resolve()
     if workdir.exists():
         shutil.rmtree(workdir)
@@ -124,19 +175,35 @@ def run_demo(
     installed_policy, published_policy = policy(1), policy(2)
 
     started = time.monotonic()
-    pki = provision(workdir / "pki", [v.vehicle_id for v in VEHICLES]) if secure else None
-    broker = LocalMosquitto(workdir / "mosquitto", pki=pki)
-    broker.start()
-    asyncio.run(
-        publish_policy(
-            published_policy,
+    broker: LocalMosquitto | None = None
+    if external is None:
+        pki = provision(workdir / "pki", [v.vehicle_id for v in VEHICLES]) if secure else None
+        broker = LocalMosquitto(workdir / "mosquitto", pki=pki)
+        broker.start()
+        access = BrokerAccess(
             host="localhost" if pki else broker.host,
             port=broker.port,
             tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
         )
+        mode = "TLS with client certificates and the per-vehicle ACL" if pki else "plaintext"
+        print(f"mosquitto listening on 127.0.0.1:{broker.port} ({mode})")
+    else:
+        access = external
+        pki = FleetPki(external.pki) if external.pki else None
+        mode = (
+            "mutual TLS"
+            if pki
+            else f"{'TLS' if external.ca_file else 'plaintext'} with login {external.username!r}"
+            if external.username
+            else "plaintext"
+        )
+        print(f"using the broker at {external.where} ({mode})")
+    login = access.login()
+    asyncio.run(
+        publish_policy(
+            published_policy, host=access.host, port=access.port, tls=access.tls, login=login
+        )
     )
-    mode = "TLS with client certificates and the per-vehicle ACL" if pki else "plaintext"
-    print(f"mosquitto listening on 127.0.0.1:{broker.port} ({mode})")
     procs: list[subprocess.Popen[bytes]] = []
     vehicle_keys = {}
     try:
@@ -150,7 +217,7 @@ def run_demo(
             )
             vehicle_keys[v.vehicle_id] = load_signing_key(d / "vehicle.key").public_key()
             (d / "trust-policy.json").write_bytes(installed_policy)
-            config = _vehicle_config(d, v, broker.port, pki)
+            config = _vehicle_config(d, v, access.port, pki, external)
             log = (d / "agent.log").open("wb")
             procs.append(
                 subprocess.Popen(
@@ -166,12 +233,13 @@ def run_demo(
             vehicles=vehicle_keys, requester_key=requester, digest_for=queue.assignment_digest
         )
         node = FleetNode(
-            host="localhost" if pki else broker.host,
-            tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key) if pki else None,
-            port=broker.port,
+            host=access.host,
+            tls=access.tls,
+            port=access.port,
             store=SqliteStore(queue),
             signing_key=job_key,
             collector=collector,
+            login=access.login,
         )
         model = ModelRef(name="digits", sha256=digits["sha256"], size=digits["size"])
         labels: dict[str, int] = {}
@@ -196,7 +264,8 @@ def run_demo(
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        broker.stop()
+        if broker is not None:
+            broker.stop()
 
     import onnxruntime as ort
 
@@ -245,7 +314,8 @@ def run_demo(
         "queue": queue.counts(),
         "ineligible_vehicles_ran_jobs": ineligible_ran > 0,
         "wall_seconds": round(time.monotonic() - started, 2),
-        "transport": "mutual TLS + ACL" if secure else "plaintext (loopback)",
+        "transport": mode,
+        "broker": "private mosquitto" if external is None else external.where,
         "ok": verified == jobs
         and ineligible_ran == 0
         and agree == verified
@@ -290,8 +360,13 @@ def main(
     workdir: Path = Path("demo-run"),
     timeout_s: float = 40.0,
     secure: bool = True,
+    external: BrokerAccess | None = None,
 ) -> int:
-    report = run_demo(workdir, jobs=jobs, timeout_s=timeout_s, secure=secure)
+    try:
+        report = run_demo(workdir, jobs=jobs, timeout_s=timeout_s, secure=secure, external=external)
+    except DemoError as exc:
+        print(f"edge-fleet demo: {exc}", file=sys.stderr)
+        return 2
     print_report(report)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"report written to {out}")
