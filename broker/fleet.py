@@ -374,7 +374,9 @@ class FleetNode:
             await publish_acked(client, topic(vehicle_id, Channel.JOBS), signed)
         if leases:
             self.metrics.leases.inc(len(leases))
-            self._log.info("jobs_assigned", vehicle_id=vehicle_id, count=len(leases))
+            # Debug, not info: one line per lease was 1.7 MB of log per node in `make scale`;
+            # edge_fleet_leases_total counts them.
+            self._log.debug("jobs_assigned", vehicle_id=vehicle_id, count=len(leases))
         elif self.idle_retry_s > 0:
             # Nothing for it now: it waits quietly until woken (agent/wire/hints.py).
             await self.store.park(vehicle_id, models, now)
