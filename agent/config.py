@@ -263,6 +263,10 @@ class AgentSection(_Section):
     outbox_max: int = Field(default=500, ge=1, le=1_000_000)
     metrics_port: int = Field(default=0, ge=0, le=65535)  # 0: no endpoint, nothing recorded
     heartbeat_s: float = Field(default=10.0, ge=0.1, le=3600)
+    # "lean": a job that succeeds costs the job, its result and a work request on the wire
+    # (accepted, running and succeeded stay on the car); "all": every event is published
+    # (for watching jobs on the broker while debugging). agent/wire/messages.FOLDED_EVENTS.
+    job_events: Literal["lean", "all"] = "lean"
     shutdown_grace_s: float = Field(default=5.0, ge=0, le=300)
     # onnxruntime execution providers in order of preference; those the installed build
     # lacks are skipped (logged), and the CPU is always the last fallback.

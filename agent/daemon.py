@@ -61,7 +61,7 @@ from agent.runtime.watch import Watch
 from agent.state.jobs import JobStore
 from agent.state.ledger import EnergyLedger
 from agent.vehicle.snapshot import VehicleSignals, VehicleSnapshot
-from agent.wire.messages import EventKind, VehicleStatus
+from agent.wire.messages import FOLDED_EVENTS, EventKind, VehicleStatus
 
 
 class _Shutdown(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -201,7 +201,8 @@ class Agent:
             held_jobs=journal.held,
         )
         operator.link = link
-        rec.connect(link.publish_event)
+        lean = self.config.agent.job_events == "lean"
+        rec.connect(link.publish_event, unpublished=FOLDED_EVENTS if lean else frozenset())
         disk.on_change(self._look)
         disk.on_change(outbox.wake)
         disk.on_recovered(self.results.refile)

@@ -85,7 +85,7 @@ async def preemption_storm(workdir: Path) -> dict[str, Any]:
             job_key=job_key,
             models=models,
             limits="power_cap_w = 2000",
-            agent="capacity = 2",
+            agent='capacity = 2\njob_events = "all"',
         )
         node, queue, collector = fleet_node(
             workdir, VID, b, job_key=job_key, requester=requester, lease_s=10, lease_tick_s=0.5
@@ -267,7 +267,7 @@ async def pushing(
             job_key=job_key,
             models=models,
             limits="power_cap_w = 2000",
-            agent="capacity = 1",
+            agent='capacity = 1\njob_events = "all"',
         )
         if state_on is not None:
             config.write_text(config.read_text().replace('dir = "state"', f'dir = "{state_on}"'))

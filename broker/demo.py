@@ -287,7 +287,9 @@ def run_demo(
             "eligible": v.eligible,
             "work_requests": node.work_requests[v.vehicle_id],
             "jobs_received": queue.assignments_by_vehicle().get(v.vehicle_id, 0),
-            "jobs_run": node.events[v.vehicle_id]["running"],
+            # Runs that ended: a result, or a failure event. (A car on the lean path, the
+            # default, publishes no accepted/running events: agent/wire/messages.py.)
+            "jobs_run": len(ran) + node.events[v.vehicle_id]["failed"],
             "results_verified": len(ran),
             "gate_reasons": list(node.status[v.vehicle_id].reasons)
             if v.vehicle_id in node.status

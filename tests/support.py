@@ -121,7 +121,14 @@ def write_vehicle(
             settings={
                 "owner": owner_settings,
                 "limits": {"gate_hold_s": hold_s},
-                "agent": {"capacity": 4, "work_request_interval_s": 0.3, "vehicle_poll_s": 0.02},
+                # Every event on the wire: the tests watch jobs through them (the lean path,
+                # the default, is tested on its own in tests/test_lean_path.py).
+                "agent": {
+                    "capacity": 4,
+                    "work_request_interval_s": 0.3,
+                    "vehicle_poll_s": 0.02,
+                    "job_events": "all",
+                },
             },
             raw={"owner": owner, "vehicle": vehicle, "limits": limits, "agent": extra},
         )

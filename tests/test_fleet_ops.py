@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -253,3 +254,61 @@ def test_a_garbled_peer_presence_is_ignored_not_reaped(raw: bytes) -> None:
     assert peers.gone_since == {"other": (100.0, "fleet-other")}, "a well-formed one counts"
     peers.seen("fleet/v1/nodes/fleet/me", gone.replace("other", "me").encode())
     assert "me" not in peers.gone_since, "a node never reaps itself"
+
+
+@pytest.mark.broker
+async def test_simulated_cars_with_their_own_certificates_work_over_mutual_tls(tmp_path) -> None:
+    """`edge-fleet simulate --pki`: each simulated car connects with its own certificate from
+    `edge-fleet provision` (the broker's ACL confines it to its own topics), and a fleet node
+    on TLS serves them ten jobs."""
+    from agent.kit.mqtt import client_tls
+    from broker.provision import provision
+
+    keys = FleetKeys()
+    write_private_key(tmp_path / "requester.key", keys.requester)
+    (tmp_path / "trusted.json").write_bytes(KeyRing.of(keys.job_key.public_key()).to_file())
+    ids = sim_car.vehicle_ids("tls", 3)
+    pki = provision(tmp_path / "pki", ids)
+    store = await open_store(tmp_path / "q.db")
+    for template in digit_templates(MODELS, tmp_path / "requester.key", 10):
+        await store.submit(template, now=time.time())
+    registry = VehicleRegistryFile.model_validate_json(sim_car.registry("tls-seed", ids))
+    from agent.wire.keys import ed25519_public
+
+    with LocalMosquitto(tmp_path / "mosquitto", pki=pki) as mosquitto:
+        node = FleetNode(
+            host="localhost",
+            port=mosquitto.port,
+            tls=client_tls(pki.ca, pki.fleet.cert, pki.fleet.key),
+            store=store,
+            signing_key=keys.job_key,
+            collector=Collector(
+                vehicles={v.vehicle_id: ed25519_public(v.public_key) for v in registry.vehicles},
+                requester_key=keys.requester,
+            ),
+            node="tls",
+            lease_tick_s=0.2,
+        )
+        node_task = asyncio.create_task(node.run())
+        try:
+            await asyncio.wait_for(node.ready.wait(), 10)
+            sim = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "broker.cli", "simulate", "--vehicles", "3",
+                "--prefix", "tls", "--seed", "tls-seed", "--pki", str(tmp_path / "pki"),
+                "--host", "localhost", "--port", str(mosquitto.port),
+                "--trusted-keys", str(tmp_path / "trusted.json"),
+                "--registry-out", str(tmp_path / "reg.json"),
+                "--scenarios", str(SCENARIOS / "parked-charging.toml"),
+                "--time-scale", "1", "--compute-ms", "10", "--duration", "12",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(sim.communicate(), 60)
+        finally:
+            node_task.cancel()
+            await asyncio.gather(node_task, return_exceptions=True)
+    assert sim.returncode == 0, err.decode()[-2000:]
+    report = json.loads(out.decode().strip().splitlines()[-1])
+    assert report["connected_peak"] == 3
+    assert (await store.counts()) == {"done": 10}
+    assert len(node.collector.results) == 10 and not node.collector.rejected
+    await store.close()

@@ -61,6 +61,7 @@ class Recorder:
         self._log = get_logger(vehicle_id=vehicle_id)
         self._clock = clock
         self._sink: EventSink | None = None
+        self._unpublished: frozenset[EventKind] = frozenset()
         self._chain: list[Processor] = [self._count, self._measure, self._write_log]
 
     # ---- the chain ---------------------------------------------------------
@@ -90,9 +91,11 @@ class Recorder:
         self._chain.append(processor)
         return lambda: self._chain.remove(processor)
 
-    def connect(self, sink: EventSink) -> None:
-        """Where job events go on the wire (the link's publish, waiting through outages)."""
+    def connect(self, sink: EventSink, *, unpublished: frozenset[EventKind] = frozenset()) -> None:
+        """Where job events go on the wire (the link's publish, waiting through outages);
+        events of the `unpublished` kinds are recorded here only (the lean per-job path)."""
         self._sink = sink
+        self._unpublished = unpublished
 
     def _run(self, h: Happening) -> None:
         for processor in list(self._chain):
@@ -123,7 +126,7 @@ class Recorder:
         logged, watched, and published on the events topic."""
         level = "warning" if kind in (EventKind.REJECTED, EventKind.FAILED) else "info"
         self._run(Happening(kind.value, f"job_{kind.value}", level, kind, job, reason, detail))
-        if self._sink is None:
+        if self._sink is None or kind in self._unpublished:
             return
         ids = {"job_id": job[0], "attempt": job[1]} if job else {}
         event = JobEvent(

@@ -105,6 +105,16 @@ class EventKind(StrEnum):
     HEARTBEAT = "heartbeat"
 
 
+# The lean per-job path (docs/protocol.md): a job that goes well costs three messages, the
+# job, its result and the next work request. Its informational events stay on the car (log,
+# journal, counts) and are published only with `job_events = "all"`: `accepted` and
+# `running` tell the fleet nothing it acts on (only heartbeats extend a lease), and a result
+# is itself the terminal message of a job that succeeded. Every event that hands a job back
+# or ends it otherwise (failed, rejected, preempted, released) and every heartbeat is
+# always published.
+FOLDED_EVENTS = frozenset({EventKind.ACCEPTED, EventKind.RUNNING, EventKind.SUCCEEDED})
+
+
 class JobEvent(WireModel):
     """A step in a job's life on a vehicle. `job_id` is None when the job could not be read."""
 

@@ -34,6 +34,7 @@ from agent.wire.keys import (
     sealable_x25519_public,
 )
 from agent.wire.messages import (
+    FOLDED_EVENTS,
     SUITE,
     EventKind,
     JobEvent,
@@ -117,6 +118,7 @@ class Settings:
     time_scale: float
     model: ModelHeld
     work_request_interval_s: float = 2.0
+    job_events: str = "lean"  # as the agent's [agent] job_events: "lean" or "all"
     pki: Path | None = None  # each car's own certificate (mutual TLS)
     ca_file: Path | None = None  # or TLS with no client certificate, and a login
     username: str | None = None
@@ -345,6 +347,8 @@ class SimVehicle:
             at=time.time(),
         )
         self.meter.events[f"job:{kind.value}"] += 1
+        if self.s.job_events == "lean" and kind in FOLDED_EVENTS:
+            return  # recorded on the car only, as the agent's default lean path does
         await self._publish(topic(self.id, Channel.EVENTS), dump_model(event))
 
     async def _work(self, job: JobSpec, digest: str) -> None:
