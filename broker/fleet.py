@@ -35,6 +35,7 @@ from agent.kit.credentials import BrokerLogin
 from agent.kit.logs import get_logger
 from agent.kit.mqtt import (
     NO_DELAY,
+    connection_lost,
     forget_stale_cancellations,
     on_connack,
     permanent_refusal,
@@ -237,6 +238,7 @@ class FleetNode:
                         tg.create_task(self._expire_leases(), name="lease-expiry")
                         tg.create_task(self._wake_parked(client), name="parked-waker")
                         tg.create_task(self.peers.reap(), name="peer-reaper")
+                        tg.create_task(connection_lost(client), name="connection-watch")
             except* aiomqtt.MqttError as group:
                 self.ready.clear()
                 self.metrics.connected.set(0)

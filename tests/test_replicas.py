@@ -226,3 +226,30 @@ async def test_a_broker_restart_with_persistence_loses_no_job(rig: Rig):
     assert counts == {"done": 200}, counts
     assert all(n.reconnects >= 1 for n in nodes), "the nodes did lose the broker"
     await store.close()
+
+
+async def test_a_node_waiting_for_a_puback_notices_the_broker_going_at_once(tmp_path: Path):
+    """aiomqtt fails a PUBACK awaited when the broker went away only after its 10 s timeout,
+    and only the message iterator notices a disconnection. A fleet node's receiver both reads
+    and publishes, so it could sit blind that long after a broker restart. The
+    connection-watch task (agent.kit.mqtt.connection_lost) ends the connection's tasks at
+    once: here a publish that can never be acknowledged (the broker is stopped under it, then
+    killed) is given up within seconds, not ten (10.0 s without the watch)."""
+    import aiomqtt
+
+    from agent.kit.mqtt import connection_lost, publish_acked
+
+    with LocalMosquitto(tmp_path / "mq") as broker:
+        async with aiomqtt.Client("127.0.0.1", broker.port, identifier="watched") as client:
+            await client.subscribe("t", qos=1)
+            broker._proc.send_signal(signal.SIGSTOP)  # type: ignore[union-attr]  # no PUBACK
+            started = time.monotonic()
+            with pytest.raises(ExceptionGroup) as ended:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(publish_acked(client, "t", b"x"))
+                    tg.create_task(connection_lost(client))
+                    await asyncio.sleep(0.5)
+                    broker._proc.send_signal(signal.SIGKILL)  # type: ignore[union-attr]
+            took = time.monotonic() - started
+            assert ended.group_contains(aiomqtt.MqttError)
+    assert took < 5.0, f"the lost connection was noticed after {took:.1f} s"

@@ -64,6 +64,22 @@ async def publish_acked(
         raise asyncio.CancelledError
 
 
+async def connection_lost(client: aiomqtt.Client) -> None:
+    """Run as a task beside a connection's other tasks: raises MqttError the moment the
+    connection ends, so that the TaskGroup ends and the reconnect loop takes over at once.
+
+    aiomqtt fails pending calls only when they time out (10 s): a PUBACK awaited when the
+    broker went away is awaited that long. A loop that both reads messages and publishes
+    (the fleet node's receiver) would sit blind that long after a broker restart, and only
+    the message iterator notices a disconnection. aiomqtt keeps the disconnection in the
+    private future `client._disconnected` (the same documented exception as `client._client`
+    below); shielded, so that cancelling this task leaves it to aiomqtt's own exit."""
+    import aiomqtt
+
+    await asyncio.shield(client._disconnected)
+    raise aiomqtt.MqttError("Disconnected")
+
+
 def forget_stale_cancellations() -> None:
     """Call in a reconnect loop after its TaskGroup ended in an error.
 
